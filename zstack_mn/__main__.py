@@ -1,0 +1,3 @@
+from zstack_mn.cli import main
+
+main()

@@ -1,0 +1,291 @@
+"""RabbitMQ transport over aio-pika.
+
+* One robust connection; a publishing channel with publisher confirms and ``on_return_raises``,
+  so a mandatory message to a missing queue raises at once (NoRouteError), and one channel per
+  consumed queue with its own prefetch.
+* Declared queues and their consumers are held by strong references, so the robust connection
+  restores them after a broker restart (aio-pika issue 536).
+* Every publish has a deadline: a robust connection that is down would otherwise wait for the
+  broker forever.
+* Rescue operations (``take``, ``delete_if_empty``) run on a short-lived channel of their own,
+  because a missing queue or a failed precondition closes the channel it happens on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from zstack_mn.bus.topology import DEAD_LETTER_MAX_LENGTH, NODE_QUEUE_EXPIRES_MS, Topology
+from zstack_mn.bus.transport import (
+    Delivery,
+    Handler,
+    NoRouteError,
+    QueueKind,
+    RejectMessage,
+    Transport,
+    TransportDown,
+)
+
+log = structlog.get_logger(__name__)
+
+_DOWN_ERRORS = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+    ConnectionError,
+    asyncio.TimeoutError,
+)
+
+
+class AmqpTransport(Transport):
+    """A Transport on RabbitMQ."""
+
+    def __init__(self, url: str, topology: Topology, *, publish_timeout: float, connection_name: str) -> None:
+        self.url = url
+        self.topology = topology
+        self.publish_timeout = publish_timeout
+        self.connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._queues: dict[str, AbstractQueue] = {}
+        self._consumer_channels: dict[str, AbstractChannel] = {}
+        self._consumer_tags: dict[str, str] = {}
+        self._kinds: dict[str, QueueKind] = {}
+
+    @property
+    def connected(self) -> bool:
+        conn = self._connection
+        return conn is not None and not conn.is_closed and conn.connected.is_set()
+
+    async def start(self) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.url,
+                timeout=self.publish_timeout,
+                reconnect_interval=1.0,
+                client_properties={"connection_name": self.connection_name},
+            )
+        except (*_DOWN_ERRORS, OSError) as exc:
+            raise TransportDown(f"cannot connect to the broker: {exc}") from exc
+        self._connection.close_callbacks.add(self._closed)
+        self._connection.reconnect_callbacks.add(self._reconnected)
+        self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        await self._declare_dead_letters()
+
+    def _closed(self, *_: Any) -> None:
+        if self.on_disconnect is not None:
+            self.on_disconnect()
+
+    def _reconnected(self, *_: Any) -> None:
+        log.info("broker connection restored")
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+    async def close(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            conn.close_callbacks.discard(self._closed)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), self.publish_timeout)
+        self._queues.clear()
+        self._consumer_channels.clear()
+        self._consumer_tags.clear()
+
+    def _require(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise TransportDown("transport is not started")
+        return self._connection
+
+    async def _declare_dead_letters(self) -> None:
+        assert self._publish_channel is not None
+        dlx = await self._publish_channel.declare_exchange(
+            self.topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        queue = await self._publish_channel.declare_queue(
+            self.topology.dead_letter_queue, durable=True, arguments={"x-max-length": DEAD_LETTER_MAX_LENGTH}
+        )
+        await queue.bind(dlx)
+
+    def _arguments(self, kind: QueueKind) -> dict[str, Any]:
+        args: dict[str, Any] = {"x-dead-letter-exchange": self.topology.dead_letter_exchange}
+        if kind is QueueKind.NODE:
+            args["x-expires"] = NODE_QUEUE_EXPIRES_MS
+        return args
+
+    async def declare(self, queue: str, kind: QueueKind) -> None:
+        conn = self._require()
+        channel = self._consumer_channels.get(queue)
+        if channel is None:
+            channel = await conn.channel(publisher_confirms=False)
+            self._consumer_channels[queue] = channel
+        private = kind is QueueKind.PRIVATE
+        self._queues[queue] = await channel.declare_queue(
+            queue,
+            durable=not private,
+            exclusive=private,
+            auto_delete=private,
+            arguments=self._arguments(kind),
+        )
+        self._kinds[queue] = kind
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> None:
+        q = self._queues.get(queue)
+        if q is None:
+            raise NoRouteError(queue)
+        await q.channel.set_qos(prefetch_count=prefetch)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            delivery = Delivery(
+                message.body,
+                message.message_id,
+                message.correlation_id,
+                message.reply_to,
+                bool(message.redelivered),
+            )
+            try:
+                await handler(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, RejectMessage):
+                    log.exception("handler failed; message dead-lettered", queue=queue)
+                with contextlib.suppress(*_DOWN_ERRORS):
+                    await message.reject(requeue=False)
+                return
+            try:
+                await message.ack()
+            except _DOWN_ERRORS:
+                log.warning("ack lost with the connection; the broker will redeliver", queue=queue)
+
+        self._consumer_tags[queue] = await q.consume(on_message)
+
+    async def stop_consuming(self, queue: str) -> None:
+        tag = self._consumer_tags.pop(queue, None)
+        q = self._queues.get(queue)
+        if tag is not None and q is not None:
+            with contextlib.suppress(*_DOWN_ERRORS):
+                await asyncio.wait_for(q.cancel(tag), self.publish_timeout)
+
+    async def publish(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        message_id: str,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        ttl_ms: int | None = None,
+        mandatory: bool = True,
+    ) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise TransportDown("transport is not started")
+        message = aio_pika.Message(
+            body,
+            message_id=uuid.uuid4().hex,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            expiration=None if ttl_ms is None else max(ttl_ms, 1) / 1000,
+            content_type="application/json",
+            headers={"zstack-id": message_id},
+        )
+        try:
+            await asyncio.wait_for(
+                channel.default_exchange.publish(message, routing_key=queue, mandatory=mandatory),
+                self.publish_timeout,
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise NoRouteError(queue) from exc
+        except _DOWN_ERRORS as exc:
+            raise TransportDown(f"publish to {queue} failed: {type(exc).__name__} {exc}") from exc
+
+    async def publish_event(self, exchange: str, topic: str, body: bytes, *, message_id: str) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise TransportDown("transport is not started")
+        try:
+            ex = await asyncio.wait_for(
+                channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True), self.publish_timeout
+            )
+            await asyncio.wait_for(
+                ex.publish(aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=topic, mandatory=False),
+                self.publish_timeout,
+            )
+        except _DOWN_ERRORS as exc:
+            raise TransportDown(f"event publish failed: {type(exc).__name__} {exc}") from exc
+
+    async def bind(self, queue: str, exchange: str, pattern: str) -> None:
+        q = self._queues.get(queue)
+        if q is None:
+            raise NoRouteError(queue)
+        ex = await q.channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+        await q.bind(ex, routing_key=pattern)
+
+    async def _scratch_channel(self) -> AbstractChannel:
+        return await asyncio.wait_for(
+            self._require().channel(publisher_confirms=False), self.publish_timeout
+        )
+
+    async def take(self, queue: str) -> tuple[Delivery, Callable[[], Awaitable[None]]] | None:
+        channel = await self._scratch_channel()
+        try:
+            q = await channel.get_queue(queue, ensure=True)
+            message = await asyncio.wait_for(q.get(no_ack=False, fail=False), self.publish_timeout)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            await _close_quietly(channel)
+            return None
+        except _DOWN_ERRORS as exc:
+            await _close_quietly(channel)
+            raise TransportDown(f"cannot read {queue}: {exc}") from exc
+        if message is None:
+            await _close_quietly(channel)
+            return None
+        delivery = Delivery(message.body, message.message_id, message.correlation_id, message.reply_to, True)
+
+        async def ack() -> None:
+            try:
+                await message.ack()
+            finally:
+                await _close_quietly(channel)
+
+        return delivery, ack
+
+    async def delete_if_empty(self, queue: str) -> bool:
+        channel = await self._scratch_channel()
+        try:
+            await asyncio.wait_for(
+                channel.queue_delete(queue, if_empty=True),  # type: ignore[attr-defined]
+                self.publish_timeout,
+            )
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return True
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            return False
+        finally:
+            await _close_quietly(channel)
+            self._queues.pop(queue, None)
+
+    async def queue_exists(self, queue: str) -> bool:
+        channel = await self._scratch_channel()
+        try:
+            await channel.get_queue(queue, ensure=True)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            await _close_quietly(channel)
+
+
+async def _close_quietly(channel: AbstractChannel) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(channel.close(), 5)

@@ -1,0 +1,62 @@
+"""Every queue, exchange and topic name of the cluster, in one place.
+
+| thing | name | kind |
+| --- | --- | --- |
+| point-to-point | the default exchange, routing key = queue name | mandatory publish: unroutable comes back as NO_ROUTE |
+| per-node service queue | ``<p>.message.<service>.<node>`` | durable, outlives a crashed node (x-expires far above node_timeout), dead-letters poison |
+| API queue | ``<p>.message.api.portal`` | durable, shared by every node |
+| reply queue | ``<p>.reply.<node>`` | exclusive, auto-delete; replies correlate by correlation id |
+| event exchange | ``<p>.event`` | topic; each node binds its own ``<p>.event.<node>`` queue |
+| dead letters | ``<p>.dlx`` (fanout) → ``<p>.dead-letter`` | bounded length |
+
+``<p>`` is the queue prefix (default ``zstack``), which lets several clusters or test runs share a
+broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+API_SERVICE = "api"
+API_QUEUE_SUFFIX = "portal"
+
+TOPIC_NODE_JOINED = "node.joined"
+TOPIC_NODE_LEFT = "node.left"
+TOPIC_NODE_ALL = "node.#"
+TOPIC_VM_STATE_CHANGED = "vm.state.changed"
+TOPIC_HOST_STATUS_CHANGED = "host.status.changed"
+
+NODE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+DEAD_LETTER_MAX_LENGTH = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Names derived from one prefix."""
+
+    prefix: str = "zstack"
+
+    def service_queue(self, service: str, node_uuid: str) -> str:
+        return f"{self.prefix}.message.{service}.{node_uuid}"
+
+    @property
+    def api_queue(self) -> str:
+        return f"{self.prefix}.message.{API_SERVICE}.{API_QUEUE_SUFFIX}"
+
+    def reply_queue(self, owner: str) -> str:
+        return f"{self.prefix}.reply.{owner}"
+
+    @property
+    def event_exchange(self) -> str:
+        return f"{self.prefix}.event"
+
+    def event_queue(self, owner: str) -> str:
+        return f"{self.prefix}.event.{owner}"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.dead-letter"

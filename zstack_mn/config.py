@@ -1,0 +1,108 @@
+"""Settings: environment (``ZSTACK_MN_*``), an optional TOML file, then CLI flags.
+
+Defaults give the embedded single-node mode (in-process bus, SQLite, simulated agent).
+
+    settings = load_settings(config_file=None, overrides={"http_port": 9090})
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "ZSTACK_MN_"
+DEFAULT_DATA_DIR = Path.home() / ".zstack-mn"
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names it and says why."""
+
+
+class Settings(BaseSettings):
+    """Every tunable of a node, with its default."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    broker_url: str = "memory://"
+    database_url: str = f"sqlite+aiosqlite:///{DEFAULT_DATA_DIR / 'zstack-mn.db'}"
+    queue_prefix: str = Field("zstack", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    http_enabled: bool = True
+    api_token: str | None = None
+
+    heartbeat_interval: float = Field(2.0, gt=0, le=60)
+    node_timeout: float = Field(10.0, gt=0, le=600)
+    fence_after: float | None = Field(None, gt=0)
+    on_evicted: Literal["rejoin", "exit"] = "rejoin"
+    drain_timeout: float = Field(15.0, ge=0, le=600)
+
+    call_timeout: float = Field(30.0, gt=0, le=3600)
+    publish_timeout: float = Field(5.0, gt=0, le=120)
+    max_message_bytes: int = Field(1 << 20, ge=1024, le=(16 << 20) - 1024)
+    prefetch: int = Field(64, ge=1, le=10_000)
+    service_concurrency: int = Field(64, ge=1, le=100_000)
+    max_hops: int = Field(3, ge=0, le=16)
+
+    agent_timeout: float = Field(10.0, gt=0, le=600)
+    host_ping_interval: float = Field(5.0, gt=0, le=3600)
+    host_ping_failures: int = Field(2, ge=1, le=100)
+    embedded_agent: bool | None = None
+    embedded_agent_port: int = Field(0, ge=0, le=65535)
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_timings(self) -> Settings:
+        if self.heartbeat_interval >= self.node_timeout:
+            raise ValueError("heartbeat_interval must be shorter than node_timeout")
+        if self.fence_after is not None and self.fence_after >= self.node_timeout:
+            raise ValueError("fence_after must be shorter than node_timeout")
+        return self
+
+    @property
+    def fence_after_s(self) -> float:
+        """How long a node may miss heartbeat writes before it pauses resource work."""
+        return self.fence_after if self.fence_after is not None else self.node_timeout / 2
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.broker_url.startswith("memory://")
+
+    @property
+    def run_embedded_agent(self) -> bool:
+        return self.is_embedded if self.embedded_agent is None else self.embedded_agent
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        name = ".".join(str(p) for p in item["loc"]) or "settings"
+        env = f" ({ENV_PREFIX}{name.upper()})" if item["loc"] else ""
+        parts.append(f"{name}{env}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build settings from the environment, then ``config_file``, then ``overrides``.
+
+    Raises ConfigError with one line naming the bad setting.
+    """
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values.update(tomllib.loads(config_file.read_text()))
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from exc
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid setting: {_describe(exc)}") from exc

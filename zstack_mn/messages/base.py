@@ -1,0 +1,109 @@
+"""Typed messages: the base models, a registry of type names, and the reply model.
+
+A message type is a pydantic model subclassing ``Message`` (a request to a service) or
+``Event`` (broadcast on the event exchange). Its class name is its type name on the wire.
+``RESOURCE_FIELD`` names the field holding the uuid the ring routes by; without it the
+message is handled by the sending node (creational / non-resource messages).
+
+    class StartVmInstanceMsg(Message):
+        SERVICE = "vmInstance"; RESOURCE_FIELD = "uuid"
+        uuid: ResourceUuid
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from zstack_mn.messages.errors import ErrorCode, ZStackError
+
+
+def _check_uuid(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError as exc:
+        raise ValueError("must be a uuid") from exc
+
+
+ResourceUuid = Annotated[str, AfterValidator(_check_uuid)]
+
+
+class WireModel(BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown fields refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class Message(WireModel):
+    """A request handled by one service."""
+
+    SERVICE: ClassVar[str] = ""
+    RESOURCE_FIELD: ClassVar[str | None] = None
+    type_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.SERVICE:
+            registry.register(cls)
+
+    def resource_uuid(self) -> str | None:
+        return getattr(self, self.RESOURCE_FIELD) if self.RESOURCE_FIELD else None
+
+
+class Event(WireModel):
+    """A broadcast: lifecycle events and canonical resource events. ``TOPIC`` is its routing key."""
+
+    TOPIC: ClassVar[str] = ""
+    type_name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type_name = cls.__name__
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if cls.TOPIC:
+            registry.register(cls)
+
+    def topic(self) -> str:
+        return self.TOPIC
+
+
+class Registry:
+    """Maps a wire type name to its model."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Message] | type[Event]] = {}
+
+    def register(self, cls: type[Message] | type[Event]) -> None:
+        existing = self._types.get(cls.type_name)
+        if existing is not None and existing is not cls and existing.__module__ != cls.__module__:
+            raise ValueError(f"message type {cls.type_name} is registered twice")
+        self._types[cls.type_name] = cls
+
+    def get(self, type_name: str) -> type[Message] | type[Event]:
+        try:
+            return self._types[type_name]
+        except KeyError:
+            raise ZStackError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {type_name!r}") from None
+
+    def messages_of(self, service: str) -> list[type[Message]]:
+        return [c for c in self._types.values() if issubclass(c, Message) and c.SERVICE == service]
+
+    def __contains__(self, type_name: str) -> bool:
+        return type_name in self._types
+
+
+registry = Registry()
