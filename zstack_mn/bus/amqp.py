@@ -154,6 +154,8 @@ class AmqpTransport(Transport):
             try:
                 await handler(delivery)
             except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(message.nack(requeue=True), 1)
                 raise
             except Exception as exc:
                 if not isinstance(exc, RejectMessage):
@@ -275,13 +277,16 @@ class AmqpTransport(Transport):
             await _close_quietly(channel)
             self._queues.pop(queue, None)
 
-    async def queue_exists(self, queue: str) -> bool:
+    async def queue_status(self, queue: str) -> tuple[int, int] | None:
         channel = await self._scratch_channel()
         try:
-            await channel.get_queue(queue, ensure=True)
-            return True
+            ok = await asyncio.wait_for(
+                channel.declare_queue(queue, passive=True), self.publish_timeout
+            )
+            result = ok.declaration_result
+            return int(result.message_count or 0), int(result.consumer_count or 0)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            return False
+            return None
         finally:
             await _close_quietly(channel)
 

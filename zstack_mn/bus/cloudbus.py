@@ -63,6 +63,7 @@ class Request:
     message: Message
     deadline: float | None
     redelivered: bool = False
+    handled_by: str | None = None
 
     def time_left(self) -> float | None:
         if self.deadline is None:
@@ -106,6 +107,10 @@ class CloudBus:
         self._pending: dict[str, _Pending] = {}
         self._subscribers: list[tuple[str, EventHandler]] = []
         self._serving: list[str] = []
+        self._local: dict[str, Dispatcher] = {}
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._started = False
         transport.on_disconnect = self._fail_pending
 
@@ -123,6 +128,7 @@ class CloudBus:
     async def serve(self, service: str, dispatcher: Dispatcher) -> None:
         """Consume ``<service>.<this node>``; each request goes to ``dispatcher``."""
         queue = self.topology.service_queue(service, self.node_uuid)
+        self._local[service] = dispatcher
         await self.transport.declare(queue, QueueKind.NODE)
         await self.transport.consume(queue, self._request_handler(service, dispatcher), prefetch=self.limits.prefetch)
         self._serving.append(queue)
@@ -162,7 +168,10 @@ class CloudBus:
             return self.topology.api_queue
         if resource_uuid is None:
             return self.topology.service_queue(service, self.node_uuid)
-        return self.topology.service_queue(service, self.ring.owner_of(resource_uuid))
+        owner = self._owner_or_none(resource_uuid)
+        if owner is None:
+            raise ZStackError(ErrorCode.NO_ROUTE, "no management node is running: the ring is empty")
+        return self.topology.service_queue(service, owner)
 
     async def call(
         self,
@@ -196,6 +205,15 @@ class CloudBus:
         assert corr is not None
         if corr in self._pending:
             raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"a call with id {corr} is already waiting")
+        local = self._local.get(env.service) if env.resource_uuid is None else None
+        if local is not None:
+            request = Request(env, msg, deadline)
+            try:
+                return await asyncio.wait_for(self._handle(env.service, local, request), timeout)
+            except TimeoutError:
+                raise ZStackError(
+                    ErrorCode.TIMEOUT, f"no reply to {msg.type_name} within {timeout:g}s", messageId=env.id
+                ) from None
         self._pending[corr] = _Pending(future)
         try:
             await self._route(env, deadline)
@@ -310,36 +328,61 @@ class CloudBus:
 
         deadline = None if env.ttl_ms is None else received + env.ttl_ms / 1000
         if env.resource_uuid is not None and service != API_SERVICE:
-            owner = self.ring.owner_of(env.resource_uuid)
-            if owner != self.node_uuid and env.hops < self.limits.max_hops:
+            owner = self._owner_or_none(env.resource_uuid)
+            if owner is not None and owner != self.node_uuid and env.hops < self.limits.max_hops:
                 await self._forward(env, service, owner, deadline)
                 return
+        reply = await self._handle(service, dispatcher, Request(env, msg, deadline, delivery.redelivered))
+        if env.reply_to:
+            await self._send_reply(env.reply_to, reply)
 
-        request = Request(env, msg, deadline, delivery.redelivered)
+    async def _handle(self, service: str, dispatcher: Dispatcher, request: Request) -> Envelope:
+        """Run ``dispatcher`` on ``request``; every outcome becomes a reply envelope."""
+        env = request.envelope
+        started = time.monotonic()
+        corr = env.correlation_id or env.id
         with structlog.contextvars.bound_contextvars(
             message_id=env.id, message_type=env.type, resource_uuid=env.resource_uuid
         ):
             self.metrics.in_flight.inc()
+            self._in_flight += 1
+            self._idle.clear()
             outcome = "ok"
             try:
                 body = await dispatcher(request)
-                reply = Envelope.reply_ok(env.correlation_id or env.id, body, self.node_uuid)
+                reply = Envelope.reply_ok(corr, body, request.handled_by or self.node_uuid)
             except ZStackError as exc:
                 outcome = exc.code.name
-                reply = Envelope.reply_error(env.correlation_id or env.id, exc, self.node_uuid)
+                reply = Envelope.reply_error(corr, exc, request.handled_by or self.node_uuid)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 outcome = "INTERNAL_ERROR"
                 log.exception("handler raised")
                 err = ZStackError(ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-                reply = Envelope.reply_error(env.correlation_id or env.id, err, self.node_uuid)
+                reply = Envelope.reply_error(corr, err, self.node_uuid)
             finally:
                 self.metrics.in_flight.dec()
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
             self.metrics.messages.labels(service=service, type=env.type, outcome=outcome).inc()
-            self.metrics.latency.labels(service=service, type=env.type).observe(time.monotonic() - received)
-            if env.reply_to:
-                await self._send_reply(env.reply_to, reply)
+            self.metrics.latency.labels(service=service, type=env.type).observe(time.monotonic() - started)
+            return reply
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no handler runs; False if some still run after ``timeout``."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    def _owner_or_none(self, resource_uuid: str) -> str | None:
+        try:
+            return self.ring.owner_of(resource_uuid)
+        except LookupError:
+            return None
 
     async def _forward(self, env: Envelope, service: str, owner: str, deadline: float | None) -> None:
         env.hops += 1

@@ -43,6 +43,7 @@ class _Queue:
     owner: object | None
     items: deque[tuple[Delivery, float | None]] = field(default_factory=deque)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    consumers: int = 0
 
     def push(self, delivery: Delivery, expires_at: float | None, *, front: bool = False) -> None:
         (self.items.appendleft if front else self.items.append)((delivery, expires_at))
@@ -121,6 +122,7 @@ class MemoryTransport(Transport):
         q = self.broker.queues.get(queue)
         if q is None:
             raise NoRouteError(queue)
+        q.consumers += 1
         self._consumers[queue] = asyncio.get_running_loop().create_task(
             self._consume_loop(q, handler, asyncio.Semaphore(prefetch)), name=f"consume:{queue}"
         )
@@ -156,6 +158,9 @@ class MemoryTransport(Transport):
     async def stop_consuming(self, queue: str) -> None:
         task = self._consumers.pop(queue, None)
         if task is not None:
+            q = self.broker.queues.get(queue)
+            if q is not None:
+                q.consumers -= 1
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -211,5 +216,6 @@ class MemoryTransport(Transport):
         self._drop_queue(queue)
         return True
 
-    async def queue_exists(self, queue: str) -> bool:
-        return queue in self.broker.queues
+    async def queue_status(self, queue: str) -> tuple[int, int] | None:
+        q = self.broker.queues.get(queue)
+        return None if q is None else (len(q.items), q.consumers)

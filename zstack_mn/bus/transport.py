@@ -111,4 +111,5 @@ class Transport(ABC):
         """Delete ``queue`` if it holds nothing; True when it is gone."""
 
     @abstractmethod
-    async def queue_exists(self, queue: str) -> bool: ...
+    async def queue_status(self, queue: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of ``queue``, or None when it does not exist."""

@@ -45,6 +45,7 @@ class Message(WireModel):
 
     SERVICE: ClassVar[str] = ""
     RESOURCE_FIELD: ClassVar[str | None] = None
+    TARGET: ClassVar[type[Message] | None] = None
     type_name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -56,6 +57,14 @@ class Message(WireModel):
         super().__pydantic_init_subclass__(**kwargs)
         if cls.SERVICE:
             registry.register(cls)
+
+    @classmethod
+    def api(cls, name: str | None = None) -> type[Message]:
+        """The API twin of this message (``API<Name>``): same fields, sent to the portal, which
+        validates it and routes ``TARGET`` on by the ring. Nothing is written twice."""
+        api_name = name or f"API{cls.__name__}"
+        twin = type(api_name, (cls,), {"SERVICE": "api", "RESOURCE_FIELD": None, "TARGET": cls, "__module__": cls.__module__})
+        return twin  # type: ignore[return-value]
 
     def resource_uuid(self) -> str | None:
         return getattr(self, self.RESOURCE_FIELD) if self.RESOURCE_FIELD else None

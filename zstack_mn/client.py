@@ -1,0 +1,257 @@
+"""The Python client: the same methods over HTTP (one or several node URLs, failing over) or over
+AMQP (publishes to ``api.portal``, waits on its own reply queue). Errors raise ZStackError with
+the code.
+
+    async with Client.http(["http://10.0.0.1:8080", "http://10.0.0.2:8080"]) as c:
+        vm = await c.create_vm("web1", cpu_num=1, memory_size="1G")
+        await c.stop_vm(vm["uuid"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid as uuidlib
+from abc import ABC, abstractmethod
+from typing import Any
+
+import httpx
+
+from zstack_mn.bus.amqp import AmqpTransport
+from zstack_mn.bus.cloudbus import _Pending
+from zstack_mn.bus.topology import Topology
+from zstack_mn.bus.transport import Delivery, QueueKind
+from zstack_mn.messages import Envelope, ErrorCode, ErrorInfo, Message, ZStackError, decode, encode, new_id
+from zstack_mn.messages.api import (
+    APIAddHostMsg,
+    APIChangeHostStateMsg,
+    APICreateVmInstanceMsg,
+    APIDeleteHostMsg,
+    APIDestroyVmInstanceMsg,
+    APIMigrateVmMsg,
+    APIQueryHostMsg,
+    APIQueryManagementNodeMsg,
+    APIQueryVmInstanceMsg,
+    APIRebootVmInstanceMsg,
+    APIReconnectHostMsg,
+    APIStartVmInstanceMsg,
+    APIStopVmInstanceMsg,
+)
+from zstack_mn.services.api_portal import IDEMPOTENCY_HEADER
+
+RETRYABLE_HTTP = {502, 503, 504}
+
+
+class ApiTransport(ABC):
+    @abstractmethod
+    async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+def _http_route(msg: Message) -> tuple[str, str, dict[str, Any] | None, dict[str, Any] | None]:
+    """(method, path, json body, query) of an API message on the REST gateway."""
+    data = msg.to_wire()
+    uuid = data.pop("uuid", None)
+    actions = {
+        APIStartVmInstanceMsg: ("vm-instances", "startVmInstance"),
+        APIStopVmInstanceMsg: ("vm-instances", "stopVmInstance"),
+        APIRebootVmInstanceMsg: ("vm-instances", "rebootVmInstance"),
+        APIMigrateVmMsg: ("vm-instances", "migrateVm"),
+        APIReconnectHostMsg: ("hosts", "reconnectHost"),
+        APIChangeHostStateMsg: ("hosts", "changeHostState"),
+    }
+    t = type(msg)
+    if t in actions:
+        kind, action = actions[t]
+        return "PUT", f"/v1/{kind}/{uuid}/actions", {action: data}, None
+    if t is APICreateVmInstanceMsg:
+        return "POST", "/v1/vm-instances", {"params": {**data, **({"uuid": uuid} if uuid else {})}}, None
+    if t is APIAddHostMsg:
+        return "POST", "/v1/hosts", {"params": {**data, **({"uuid": uuid} if uuid else {})}}, None
+    if t is APIDestroyVmInstanceMsg:
+        return "DELETE", f"/v1/vm-instances/{uuid}", None, None
+    if t is APIDeleteHostMsg:
+        return "DELETE", f"/v1/hosts/{uuid}", None, None
+    if t is APIQueryVmInstanceMsg:
+        return "GET", "/v1/vm-instances", None, {**data, **({"uuid": uuid} if uuid else {})}
+    if t is APIQueryHostMsg:
+        return "GET", "/v1/hosts", None, {**data, **({"uuid": uuid} if uuid else {})}
+    if t is APIQueryManagementNodeMsg:
+        return "GET", "/v1/management-nodes", None, data
+    raise ZStackError(ErrorCode.NO_HANDLER, f"{t.__name__} has no HTTP route")
+
+
+class HttpTransport(ApiTransport):
+    """REST over several node URLs: a connection failure or a 502/503/504 moves to the next URL.
+
+    Retries reuse one Idempotency-Key, so a retry on another node is applied once."""
+
+    def __init__(self, urls: list[str], token: str | None = None, timeout: float = 30.0) -> None:
+        if not urls:
+            raise ValueError("at least one node URL is needed")
+        self.urls = [u.rstrip("/") for u in urls]
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(headers=headers, timeout=timeout)
+        self._next = 0
+        self.last_handled_by: str | None = None
+
+    async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
+        method, path, body, query = _http_route(msg)
+        headers = {}
+        if method != "GET":
+            headers["Idempotency-Key"] = key or str(uuidlib.uuid4())
+        deadline = asyncio.get_running_loop().time() + timeout
+        last: ZStackError | None = None
+        delay = 0.05
+        attempts = 0
+        while asyncio.get_running_loop().time() < deadline and attempts < 4 * len(self.urls):
+            url = self.urls[self._next % len(self.urls)]
+            attempts += 1
+            try:
+                left = max(deadline - asyncio.get_running_loop().time(), 0.01)
+                resp = await self._http.request(method, url + path, json=body, params=query, headers=headers, timeout=left)
+            except httpx.HTTPError as exc:
+                last = ZStackError(ErrorCode.BUS_UNAVAILABLE, f"{url}: {type(exc).__name__}")
+                self._next += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self.last_handled_by = resp.headers.get("X-Handled-By")
+            data = resp.json() if resp.content else {}
+            if resp.status_code < 400:
+                return data
+            err = ZStackError.from_info(ErrorInfo.model_validate(data.get("error", {"code": "SYS.1099", "description": resp.text[:200]})))
+            if resp.status_code in RETRYABLE_HTTP and err.retryable:
+                last = err
+                self._next += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            raise err
+        raise last or ZStackError(ErrorCode.TIMEOUT, "no node answered in time")
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+class AmqpApiTransport(ApiTransport):
+    """Publishes API messages to ``api.portal`` and waits on a private reply queue."""
+
+    def __init__(self, url: str, queue_prefix: str = "zstack") -> None:
+        self.topology = Topology(queue_prefix)
+        self.transport = AmqpTransport(url, self.topology, publish_timeout=10, connection_name="zstack-mn client")
+        self.reply_queue = self.topology.reply_queue(f"client-{uuidlib.uuid4()}")
+        self._pending: dict[str, _Pending] = {}
+        self.last_handled_by: str | None = None
+
+    async def start(self) -> None:
+        await self.transport.start()
+        await self.transport.declare(self.reply_queue, QueueKind.PRIVATE)
+        await self.transport.consume(self.reply_queue, self._on_reply, prefetch=256)
+        self.transport.on_disconnect = self._fail_all
+
+    def _fail_all(self) -> None:
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(ZStackError(ErrorCode.BUS_UNAVAILABLE, "broker connection lost; retry"))
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        env = decode(delivery.body, 16 << 20)
+        pending = self._pending.pop(env.correlation_id or "", None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_result(env)
+
+    async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
+        headers = {IDEMPOTENCY_HEADER: key} if key else {}
+        env = Envelope.request(msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=new_id(), headers=headers)
+        fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._pending[env.id] = _Pending(fut)
+        try:
+            await self.transport.publish(
+                self.topology.api_queue, encode(env, 16 << 20), message_id=env.id, correlation_id=env.id,
+                reply_to=self.reply_queue, ttl_ms=env.ttl_ms,
+            )
+            reply = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ZStackError(ErrorCode.TIMEOUT, f"no reply to {msg.type_name} within {timeout:g}s") from None
+        finally:
+            self._pending.pop(env.id, None)
+        self.last_handled_by = reply.handled_by
+        if reply.ok:
+            return reply.body
+        assert reply.error is not None
+        raise ZStackError.from_info(reply.error)
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
+class Client:
+    """Typed methods over either transport."""
+
+    def __init__(self, transport: ApiTransport, timeout: float = 30.0) -> None:
+        self.transport = transport
+        self.timeout = timeout
+
+    @classmethod
+    def http(cls, urls: list[str] | str, token: str | None = None, timeout: float = 30.0) -> Client:
+        return cls(HttpTransport([urls] if isinstance(urls, str) else urls, token, timeout), timeout)
+
+    @classmethod
+    async def amqp(cls, url: str, queue_prefix: str = "zstack", timeout: float = 30.0) -> Client:
+        t = AmqpApiTransport(url, queue_prefix)
+        await t.start()
+        return cls(t, timeout)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    @property
+    def last_handled_by(self) -> str | None:
+        return getattr(self.transport, "last_handled_by", None)
+
+    async def send(self, msg: Message, *, key: str | None = None) -> dict[str, Any]:
+        return await self.transport.send(msg, key=key, timeout=self.timeout)
+
+    async def _inventory(self, msg: Message, key: str | None) -> dict[str, Any]:
+        return (await self.send(msg, key=key))["inventory"]
+
+    async def add_host(self, name: str, agent_url: str, *, key: str | None = None) -> dict[str, Any]:
+        return await self._inventory(APIAddHostMsg(name=name, agent_url=agent_url), key)
+
+    async def create_vm(self, name: str, *, cpu_num: int, memory_size: int | str, host_uuid: str | None = None,
+                        key: str | None = None) -> dict[str, Any]:
+        return await self._inventory(
+            APICreateVmInstanceMsg(name=name, cpu_num=cpu_num, memory_size=memory_size, host_uuid=host_uuid), key
+        )
+
+    async def start_vm(self, uuid: str, *, key: str | None = None) -> dict[str, Any]:
+        return await self._inventory(APIStartVmInstanceMsg(uuid=uuid), key)
+
+    async def stop_vm(self, uuid: str, *, key: str | None = None) -> dict[str, Any]:
+        return await self._inventory(APIStopVmInstanceMsg(uuid=uuid), key)
+
+    async def reboot_vm(self, uuid: str, *, key: str | None = None) -> dict[str, Any]:
+        return await self._inventory(APIRebootVmInstanceMsg(uuid=uuid), key)
+
+    async def destroy_vm(self, uuid: str, *, key: str | None = None) -> dict[str, Any]:
+        return await self._inventory(APIDestroyVmInstanceMsg(uuid=uuid), key)
+
+    async def migrate_vm(self, uuid: str, host_uuid: str | None = None, *, key: str | None = None) -> dict[str, Any]:
+        return await self._inventory(APIMigrateVmMsg(uuid=uuid, host_uuid=host_uuid), key)
+
+    async def query_vms(self, **filters: Any) -> dict[str, Any]:
+        return await self.send(APIQueryVmInstanceMsg(**filters))
+
+    async def query_hosts(self, **filters: Any) -> dict[str, Any]:
+        return await self.send(APIQueryHostMsg(**filters))
+
+    async def management_nodes(self) -> dict[str, Any]:
+        return await self.send(APIQueryManagementNodeMsg())

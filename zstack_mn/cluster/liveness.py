@@ -1,0 +1,86 @@
+"""The session-scoped liveness signal: a PostgreSQL session advisory lock keyed by the node uuid,
+held on a connection of its own. PostgreSQL releases it the moment the process dies (its socket
+closes), so peers see a crash at their next heartbeat round instead of after ``node_timeout``.
+On SQLite (one embedded node) there is nothing to signal and this is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid as uuidlib
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from zstack_mn.db.engine import Database
+
+log = structlog.get_logger(__name__)
+
+
+def liveness_key(node_uuid: str) -> int:
+    """A signed 64-bit advisory-lock key derived from the node uuid."""
+    return int.from_bytes(uuidlib.UUID(node_uuid).bytes[:8], "big", signed=True)
+
+
+class LivenessSession:
+    """Holds this node's advisory lock; ``ensure`` re-takes it after a database restart."""
+
+    def __init__(self, db: Database, node_uuid: str, timeout: float) -> None:
+        self.db = db
+        self.key = liveness_key(node_uuid)
+        self.timeout = timeout
+        self._conn: AsyncConnection | None = None
+        self.held_since: float | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.db.is_postgres
+
+    def age(self) -> float:
+        """Seconds this session has held the lock without interruption (0 when not held)."""
+        return 0.0 if self.held_since is None else time.monotonic() - self.held_since
+
+    async def ensure(self) -> bool:
+        """Hold the lock; True when held now."""
+        if not self.enabled:
+            return True
+        if self._conn is not None:
+            try:
+                await asyncio.wait_for(self._conn.execute(text("SELECT 1")), self.timeout)
+                return True
+            except Exception:
+                log.warning("liveness session lost; taking the lock again")
+                await self._drop()
+        try:
+            conn = await asyncio.wait_for(self.db.engine.connect(), self.timeout)
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            got = await asyncio.wait_for(
+                conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}), self.timeout
+            )
+            if not got.scalar():
+                await conn.close()
+                log.error("liveness lock is held by another session", key=self.key)
+                return False
+        except Exception as exc:
+            log.warning("cannot take the liveness lock", error=f"{type(exc).__name__}: {exc}")
+            return False
+        self._conn = conn
+        self.held_since = time.monotonic()
+        return True
+
+    async def _drop(self) -> None:
+        conn, self._conn, self.held_since = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.invalidate(), self.timeout)
+
+    async def release(self) -> None:
+        conn, self._conn, self.held_since = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}), self.timeout)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), self.timeout)

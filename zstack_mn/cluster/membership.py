@@ -1,0 +1,250 @@
+"""Membership: join, heartbeat, the ring, eviction, fencing and rescue.
+
+Protocol (see ARCHITECTURE.md):
+
+* join: liveness lock → row JOINING → (node declares queues, consumes) → RUNNING → *joined* event;
+* every ``heartbeat_interval`` (a timer without drift or overlap): write the heartbeat in database
+  time; a missing row means we were evicted; rebuild the ring from the RUNNING rows; evict peers
+  whose heartbeat is older than ``node_timeout`` or whose liveness lock is gone;
+* a node evicts only after its own heartbeat write succeeded in the same round, and only by
+  timeout after ``node_timeout`` of uninterrupted own success (a database outage must not cause
+  mass eviction); by liveness only once its own liveness session is a few rounds old (after a
+  database restart every peer needs a round to take its lock again);
+* the node whose delete won rescues the evicted node's queues and broadcasts *left*;
+* fencing: ``fenced`` is true while our last successful heartbeat is older than ``fence_after``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from zstack_mn.bus.cloudbus import CloudBus
+from zstack_mn.cluster.events import NodeJoinedEvent, NodeLeftEvent
+from zstack_mn.cluster.liveness import LivenessSession
+from zstack_mn.cluster.rescue import rescue_queues
+from zstack_mn.cluster.ring import HashRing, LiveRing
+from zstack_mn.config import Settings
+from zstack_mn.db.engine import Database
+from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, NodeRepository, NodeRow, to_unsigned
+from zstack_mn.messages import Event, ZStackError
+
+log = structlog.get_logger(__name__)
+
+LIVENESS_TRUST_ROUNDS = 3
+RESCUE_BOUND_FACTOR = 6
+
+
+def ring_digest(ring: HashRing) -> str:
+    """A short fingerprint of a ring's members, for comparing rings across nodes."""
+    return hashlib.blake2b(",".join(sorted(ring.nodes)).encode(), digest_size=6).hexdigest()
+
+
+class Membership:
+    """This node's membership in the cluster."""
+
+    def __init__(
+        self,
+        node_uuid: str,
+        db: Database,
+        bus: CloudBus,
+        ring: LiveRing,
+        settings: Settings,
+        *,
+        services: Callable[[], list[str]],
+        http_address: str = "",
+        on_evicted: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.node_uuid = node_uuid
+        self.db = db
+        self.bus = bus
+        self.ring = ring
+        self.settings = settings
+        self.services = services
+        self.http_address = http_address
+        self.on_evicted = on_evicted
+        self.nodes = NodeRepository(db)
+        self.liveness = LivenessSession(db, node_uuid, timeout=max(settings.heartbeat_interval, 1.0))
+        self.last_success = time.monotonic()
+        self.healthy_since: float | None = None
+        self.state = JOINING
+        self.evicted = False
+        self._task: asyncio.Task[None] | None = None
+        self._rescues: set[asyncio.Task[None]] = set()
+        self._round_timeout = max(settings.heartbeat_interval, 1.0)
+
+    @property
+    def fenced(self) -> bool:
+        """True while this node must not do resource work."""
+        return self.evicted or time.monotonic() - self.last_success > self.settings.fence_after_s
+
+    def heartbeat_age(self) -> float:
+        return time.monotonic() - self.last_success
+
+    async def join(self) -> None:
+        """Take the liveness lock and insert our row (JOINING)."""
+        if not await self.liveness.ensure():
+            raise RuntimeError("cannot take the liveness lock")
+        await self.nodes.insert(self.node_uuid, socket.gethostname(), self.http_address, self.liveness.key)
+        self.last_success = time.monotonic()
+        self.healthy_since = self.last_success
+        await self.bus.subscribe("node.#", self._on_event)
+
+    async def announce_running(self) -> None:
+        """RUNNING in the table, in our ring, and broadcast to everyone's."""
+        await self.nodes.set_state(self.node_uuid, RUNNING)
+        self.state = RUNNING
+        await self.reconcile()
+        await self.bus.publish(NodeJoinedEvent(node_uuid=self.node_uuid, http_address=self.http_address))
+        log.info("node is running", ring=len(self.ring.nodes))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="heartbeat")
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.heartbeat_interval
+        start, n = loop.time(), 0
+        while not self.evicted:
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat round failed")
+            n += 1
+            now = loop.time()
+            if start + n * interval < now:
+                n = int((now - start) / interval) + 1
+            await asyncio.sleep(start + n * interval - now)
+
+    async def round(self) -> None:
+        """One heartbeat round: write, reconcile the ring, evict the dead."""
+        try:
+            alive = await asyncio.wait_for(
+                self.nodes.heartbeat(self.node_uuid, ring_digest(self.ring.ring)), self._round_timeout
+            )
+        except (ZStackError, TimeoutError, OSError) as exc:
+            self.healthy_since = None
+            log.warning("heartbeat not written", error=str(exc), fenced=self.fenced)
+            return
+        if not alive:
+            await self._handle_evicted()
+            return
+        now = time.monotonic()
+        self.last_success = now
+        if self.healthy_since is None:
+            self.healthy_since = now
+            log.info("heartbeat written again")
+        self.bus.metrics.heartbeat_age.set(0)
+        try:
+            await asyncio.wait_for(self.liveness.ensure(), self._round_timeout)
+            rows = await asyncio.wait_for(self.nodes.list(), self._round_timeout)
+        except (ZStackError, TimeoutError, OSError) as exc:
+            log.warning("membership read failed", error=str(exc))
+            return
+        self._apply(rows)
+        await self._evict_dead(rows, now)
+
+    def _apply(self, rows: list[NodeRow]) -> None:
+        running = {r.uuid for r in rows if r.state == RUNNING}
+        if self.state == RUNNING:
+            running.add(self.node_uuid)
+        else:
+            running.discard(self.node_uuid)
+        if self.ring.replace(running):
+            log.info("ring reconciled from the table", nodes=len(running))
+        self.bus.metrics.ring_size.set(len(self.ring.nodes))
+
+    async def reconcile(self) -> None:
+        """Rebuild the ring from the table now (also used when a destination turned out gone)."""
+        try:
+            rows = await asyncio.wait_for(self.nodes.list(), self._round_timeout)
+        except (ZStackError, TimeoutError, OSError) as exc:
+            log.warning("ring reconcile failed", error=str(exc))
+            return
+        self._apply(rows)
+
+    async def _evict_dead(self, rows: list[NodeRow], now: float) -> None:
+        trusted_for = now - (self.healthy_since or now)
+        use_timeout = trusted_for >= self.settings.node_timeout
+        use_liveness = (
+            self.liveness.enabled
+            and self.liveness.age() >= LIVENESS_TRUST_ROUNDS * self.settings.heartbeat_interval
+        )
+        held: set[int] | None = None
+        for row in rows:
+            if row.uuid == self.node_uuid:
+                continue
+            won, reason = False, ""
+            if use_timeout and row.heartbeat_age > self.settings.node_timeout:
+                won, reason = await self.nodes.evict_if_stale(row.uuid, self.settings.node_timeout), "heartbeat timeout"
+            elif use_liveness and row.state != JOINING:
+                if held is None:
+                    held = await self.nodes.held_liveness_keys()
+                if to_unsigned(row.liveness_key) not in held:
+                    won, reason = await self.nodes.evict_if_session_gone(row.uuid, row.liveness_key), "session gone"
+            if won:
+                log.warning("evicted a dead node", dead=row.uuid, reason=reason, heartbeat_age=round(row.heartbeat_age, 2))
+                self.ring.remove(row.uuid)
+                task = asyncio.get_running_loop().create_task(self._rescue(row.uuid, reason))
+                self._rescues.add(task)
+                task.add_done_callback(self._rescues.discard)
+
+    async def _rescue(self, dead: str, reason: str) -> None:
+        await self.bus.publish(NodeLeftEvent(node_uuid=dead, reason=reason))
+        queues = self.bus.node_queues(self.services(), dead)
+        bound = RESCUE_BOUND_FACTOR * self.settings.node_timeout
+        moved = await rescue_queues(self.bus, queues, bound=bound)
+        log.info("rescue finished", dead=dead, moved=moved)
+
+    async def _on_event(self, event: Event) -> None:
+        if isinstance(event, NodeJoinedEvent) and event.node_uuid != self.node_uuid:
+            if self.ring.add(event.node_uuid):
+                log.info("node joined", joined=event.node_uuid, ring=len(self.ring.nodes))
+        elif isinstance(event, NodeLeftEvent):
+            if event.node_uuid == self.node_uuid:
+                if self.state != LEAVING:
+                    await self._handle_evicted()
+            elif self.ring.remove(event.node_uuid):
+                log.info("node left", left=event.node_uuid, reason=event.reason, ring=len(self.ring.nodes))
+        self.bus.metrics.ring_size.set(len(self.ring.nodes))
+
+    async def _handle_evicted(self) -> None:
+        if self.evicted:
+            return
+        self.evicted = True
+        log.error("this node was evicted by its peers; it stops serving now")
+        if self.on_evicted is not None:
+            await self.on_evicted()
+
+    async def begin_leave(self) -> None:
+        """Graceful stop, step one: LEAVING in the table, out of our ring and everyone's."""
+        self.state = LEAVING
+        try:
+            await self.nodes.set_state(self.node_uuid, LEAVING)
+        except ZStackError as exc:
+            log.warning("could not mark the node LEAVING", error=str(exc))
+        self.ring.remove(self.node_uuid)
+        await self.reconcile()
+        await self.bus.publish(NodeLeftEvent(node_uuid=self.node_uuid, reason="graceful stop"))
+
+    async def stop(self, *, delete_row: bool) -> None:
+        """Stop the heartbeat; delete our row if asked; release the liveness lock."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._rescues:
+            await asyncio.wait(self._rescues, timeout=self.settings.drain_timeout)
+        if delete_row and not self.evicted:
+            try:
+                await self.nodes.delete(self.node_uuid)
+            except ZStackError as exc:
+                log.warning("could not delete the node row; peers will evict it", error=str(exc))
+        await self.liveness.release()

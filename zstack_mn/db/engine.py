@@ -1,0 +1,133 @@
+"""The database: an async engine for PostgreSQL (asyncpg) or SQLite (aiosqlite), migrations under a
+lock, and the few dialect differences (database-time arithmetic) in one place.
+
+    db = Database(settings.database_url); await db.migrate(); async with db.session() as s: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import ColumnElement, event, func, literal_column, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from zstack_mn.messages import ErrorCode, ZStackError
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+MIGRATION_LOCK_KEY = 0x7A5354_4D4E  # "zSTMN": one key for every node's migration run
+
+
+def alembic_config() -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return cfg
+
+
+def normalise_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``sqlite://`` and pick the async drivers."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+asyncpg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url.split(":///", 1)[1]
+    return url
+
+
+class Database:
+    """Engine, sessions, migrations and dialect helpers."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 10.0) -> None:
+        self.url = normalise_url(url)
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        self.timeout = timeout
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if self.is_sqlite:
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": timeout}
+        else:
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_timeout=timeout,
+                connect_args={"timeout": timeout, "command_timeout": timeout},
+            )
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as s:
+            yield s
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; database outages become a retryable DATABASE_UNAVAILABLE error."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}") from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "database connection lost") from exc
+            raise
+
+    def now(self) -> ColumnElement[Any]:
+        """The database clock."""
+        return func.now()
+
+    def age_seconds(self, column: Any) -> ColumnElement[float]:
+        """Seconds between ``column`` and the database clock, computed by the database."""
+        if self.is_sqlite:
+            return (func.julianday(literal_column("CURRENT_TIMESTAMP")) - func.julianday(column)) * 86400.0
+        return func.extract("epoch", func.now() - column)
+
+    def older_than(self, column: Any, seconds: float) -> ColumnElement[bool]:
+        return self.age_seconds(column) > seconds
+
+    async def migrate(self) -> None:
+        """Apply pending migrations; on PostgreSQL under an advisory lock, so nodes started
+        together do not race."""
+        cfg = alembic_config()
+
+        def upgrade(sync_conn: Any) -> None:
+            cfg.attributes["connection"] = sync_conn
+            command.upgrade(cfg, "head")
+
+        async with self.engine.begin() as conn:
+            if self.is_postgres:
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            await conn.run_sync(upgrade)
+        log.info("database schema is up to date")
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()

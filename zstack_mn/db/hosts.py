@@ -1,0 +1,151 @@
+"""Queries on ``host``. Capacity is reserved with one conditional UPDATE, never read-then-write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from zstack_mn.db.engine import Database
+from zstack_mn.db.models import Host, VmInstance
+from zstack_mn.messages.inventory import HostInventory
+
+ENABLED, DISABLED, MAINTENANCE = "Enabled", "Disabled", "Maintenance"
+CONNECTING, CONNECTED, DISCONNECTED = "Connecting", "Connected", "Disconnected"
+STATE_EVENTS = {"enable": ENABLED, "disable": DISABLED, "maintain": MAINTENANCE}
+
+HOST = Host.__table__
+VM = VmInstance.__table__
+
+
+def host_inventory(row: Any) -> HostInventory:
+    return HostInventory(
+        uuid=row.uuid,
+        name=row.name,
+        agent_url=row.agent_url,
+        state=row.state,
+        status=row.status,
+        total_cpu_capacity=row.cpu_total,
+        available_cpu_capacity=row.cpu_available,
+        total_memory_capacity=row.memory_total,
+        available_memory_capacity=row.memory_available,
+        create_date=row.created_at,
+        last_op_date=row.updated_at,
+    )
+
+
+class HostRepository:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def insert(self, uuid: str, name: str, agent_url: str, cpu: int, memory: int) -> None:
+        async with self.db.begin() as conn:
+            await conn.execute(
+                insert(HOST).values(
+                    uuid=uuid,
+                    name=name,
+                    agent_url=agent_url,
+                    state=ENABLED,
+                    status=CONNECTED,
+                    cpu_total=cpu,
+                    cpu_available=cpu,
+                    memory_total=memory,
+                    memory_available=memory,
+                    version=1,
+                )
+            )
+
+    async def get(self, uuid: str) -> Any | None:
+        async with self.db.begin() as conn:
+            return (await conn.execute(select(HOST).where(HOST.c.uuid == uuid))).first()
+
+    async def exists(self, uuid: str) -> bool:
+        return await self.get(uuid) is not None
+
+    async def update(self, uuid: str, **values: Any) -> bool:
+        async with self.db.begin() as conn:
+            result = await conn.execute(
+                update(HOST).where(HOST.c.uuid == uuid).values(**values, version=HOST.c.version + 1, updated_at=func.now())
+            )
+            return result.rowcount == 1
+
+    async def set_status(self, uuid: str, status: str) -> str | None:
+        """Set the status; returns the previous one (None when the host is gone)."""
+        async with self.db.begin() as conn:
+            row = (await conn.execute(select(HOST.c.status).where(HOST.c.uuid == uuid))).first()
+            if row is None:
+                return None
+            if row.status != status:
+                await conn.execute(
+                    update(HOST)
+                    .where(HOST.c.uuid == uuid, HOST.c.status == row.status)
+                    .values(status=status, version=HOST.c.version + 1, updated_at=func.now())
+                )
+            return str(row.status)
+
+    async def delete_if_unused(self, uuid: str) -> bool:
+        """Delete the host unless a VM still lives on it; False when refused."""
+        in_use = exists().where(VM.c.host_uuid == uuid, VM.c.state != "Destroyed")
+        async with self.db.begin() as conn:
+            result = await conn.execute(delete(HOST).where(HOST.c.uuid == uuid, ~in_use))
+            return result.rowcount == 1
+
+    async def candidates(self, cpu: int, memory: int, limit: int = 8) -> list[str]:
+        async with self.db.begin() as conn:
+            rows = await conn.execute(
+                select(HOST.c.uuid)
+                .where(
+                    HOST.c.state == ENABLED,
+                    HOST.c.status == CONNECTED,
+                    HOST.c.cpu_available >= cpu,
+                    HOST.c.memory_available >= memory,
+                )
+                .order_by(HOST.c.memory_available.desc())
+                .limit(limit)
+            )
+            return [r.uuid for r in rows]
+
+    @staticmethod
+    async def reserve(conn: AsyncConnection, host_uuid: str, cpu: int, memory: int) -> bool:
+        """Take capacity atomically; False when the host lacks it or cannot take VMs."""
+        result = await conn.execute(
+            update(HOST)
+            .where(
+                HOST.c.uuid == host_uuid,
+                HOST.c.state == ENABLED,
+                HOST.c.status == CONNECTED,
+                HOST.c.cpu_available >= cpu,
+                HOST.c.memory_available >= memory,
+            )
+            .values(cpu_available=HOST.c.cpu_available - cpu, memory_available=HOST.c.memory_available - memory)
+        )
+        return result.rowcount == 1
+
+    @staticmethod
+    async def release(conn: AsyncConnection, host_uuid: str | None, cpu: int, memory: int) -> None:
+        if host_uuid is None:
+            return
+        await conn.execute(
+            update(HOST)
+            .where(HOST.c.uuid == host_uuid)
+            .values(cpu_available=HOST.c.cpu_available + cpu, memory_available=HOST.c.memory_available + memory)
+        )
+
+    async def page(self, after: str, limit: int) -> list[Any]:
+        """Hosts in uuid order after ``after`` (for trackers paging through many hosts)."""
+        async with self.db.begin() as conn:
+            rows = await conn.execute(
+                select(HOST.c.uuid, HOST.c.agent_url, HOST.c.status)
+                .where(HOST.c.uuid > after)
+                .order_by(HOST.c.uuid)
+                .limit(limit)
+            )
+            return list(rows)
+
+    async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[HostInventory]]:
+        cond = and_(*[getattr(HOST.c, k) == v for k, v in filters.items()]) if filters else True
+        async with self.db.begin() as conn:
+            total = (await conn.execute(select(func.count()).select_from(HOST).where(cond))).scalar_one()
+            rows = await conn.execute(select(HOST).where(cond).order_by(HOST.c.created_at, HOST.c.uuid).limit(limit).offset(start))
+            return int(total), [host_inventory(r) for r in rows]

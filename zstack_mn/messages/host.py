@@ -1,0 +1,57 @@
+"""Messages of the ``host`` service."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from zstack_mn.messages.base import Message, ResourceUuid
+from zstack_mn.messages.types import ByteSize, Name
+
+HOST = "host"
+
+
+class AddHostMsg(Message):
+    """Connect to a host's agent and record its capacity (creational: handled locally)."""
+
+    SERVICE: ClassVar[str] = HOST
+    name: Name
+    agent_url: str = Field(min_length=8, max_length=1024, pattern=r"^https?://")
+    uuid: ResourceUuid | None = None
+
+
+class ReconnectHostMsg(Message):
+    SERVICE: ClassVar[str] = HOST
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    uuid: ResourceUuid
+
+
+class ChangeHostStateMsg(Message):
+    SERVICE: ClassVar[str] = HOST
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    uuid: ResourceUuid
+    state_event: Literal["enable", "disable", "maintain"]
+
+
+class DeleteHostMsg(Message):
+    SERVICE: ClassVar[str] = HOST
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    uuid: ResourceUuid
+
+
+class PingHostMsg(Message):
+    """Sent by a host's tracker to the host's owner."""
+
+    SERVICE: ClassVar[str] = HOST
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    uuid: ResourceUuid
+
+
+class AllocateHostMsg(Message):
+    """Reserve capacity on a host (non-resource: handled by the sender's own node)."""
+
+    SERVICE: ClassVar[str] = HOST
+    cpu_num: int = Field(ge=1, le=1024)
+    memory_size: ByteSize
+    preferred_host_uuid: ResourceUuid | None = None

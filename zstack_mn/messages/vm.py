@@ -1,0 +1,49 @@
+"""Messages of the ``vmInstance`` service."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field
+
+from zstack_mn.messages.base import Message, ResourceUuid
+from zstack_mn.messages.types import ByteSize, Name
+
+VM = "vmInstance"
+
+
+class CreateVmInstanceMsg(Message):
+    """Create and start a VM (creational: handled by the node that received it)."""
+
+    SERVICE: ClassVar[str] = VM
+    name: Name
+    cpu_num: int = Field(ge=1, le=1024)
+    memory_size: ByteSize
+    host_uuid: ResourceUuid | None = None
+    uuid: ResourceUuid | None = None
+
+
+class _VmMsg(Message):
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    uuid: ResourceUuid
+
+
+class StartVmInstanceMsg(_VmMsg):
+    SERVICE: ClassVar[str] = VM
+
+
+class StopVmInstanceMsg(_VmMsg):
+    SERVICE: ClassVar[str] = VM
+
+
+class RebootVmInstanceMsg(_VmMsg):
+    SERVICE: ClassVar[str] = VM
+
+
+class DestroyVmInstanceMsg(_VmMsg):
+    SERVICE: ClassVar[str] = VM
+
+
+class MigrateVmMsg(_VmMsg):
+    SERVICE: ClassVar[str] = VM
+    host_uuid: ResourceUuid | None = None

@@ -1,0 +1,266 @@
+"""A management node: the one object that owns a node's parts and starts and stops them in order.
+
+    async with Node(settings) as node:      # started, RUNNING, serving
+        await node.wait()                   # until shutdown() or eviction
+    # or: exit_code = await Node(settings).run()   (what `zstack-mn start` does)
+
+Start: uuid4 → database (migrations under a lock) → bus connection → liveness lock + row JOINING →
+reply/event queues → service queues and the API queue → RUNNING + *joined* → heartbeat →
+service trackers → HTTP.
+
+Stop (``shutdown``, idempotent, safe before start), in this order so that a handler never runs
+on a closed pool and nothing queued is lost: HTTP stops accepting → stop consuming → wait for
+in-flight handlers (bounded by ``drain_timeout``) → stop trackers → LEAVING, out of every ring →
+re-route what is still queued for us → delete our row → close the bus, agents, database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid as uuidlib
+from typing import Any
+
+import structlog
+
+from zstack_mn.agent.client import AgentClient
+from zstack_mn.agent.simulator import SimulatedAgent, create_app as create_agent_app
+from zstack_mn.bus.amqp import AmqpTransport
+from zstack_mn.bus.cloudbus import BusLimits, CloudBus
+from zstack_mn.bus.memory import MemoryTransport
+from zstack_mn.bus.topology import API_SERVICE, Topology
+from zstack_mn.bus.transport import Transport
+from zstack_mn.cluster.membership import Membership
+from zstack_mn.cluster.rescue import rescue_queues
+from zstack_mn.cluster.ring import LiveRing
+from zstack_mn.config import Settings
+from zstack_mn.db.engine import Database
+from zstack_mn.db.hosts import HostRepository
+from zstack_mn.logging import bind_node
+from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.messages.host import AddHostMsg
+from zstack_mn.metrics import NodeMetrics
+from zstack_mn.services.api_portal import ApiPortal
+from zstack_mn.services.base import Service, ServiceContext, plugin_services
+from zstack_mn.services.host import HostService
+from zstack_mn.services.vm_instance import VmInstanceService
+from zstack_mn.web.api import create_app
+from zstack_mn.web.server import EmbeddedServer
+
+log = structlog.get_logger(__name__)
+
+BUILTIN_SERVICES: tuple[type[Service], ...] = (HostService, VmInstanceService)
+EXIT_OK, EXIT_EVICTED = 0, 3
+DEFAULT_HOST_NAME = "default-host"
+EMBEDDED_HOST_ID = "embedded"
+
+
+def make_transport(settings: Settings, topology: Topology, name: str) -> Transport:
+    if settings.broker_url.startswith("memory://"):
+        return MemoryTransport(settings.broker_url, topology.dead_letter_queue)
+    if settings.broker_url.startswith(("amqp://", "amqps://")):
+        return AmqpTransport(settings.broker_url, topology, publish_timeout=settings.publish_timeout, connection_name=name)
+    raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"broker_url: unsupported scheme in {settings.broker_url.split('://')[0]}://")
+
+
+class Node:
+    """One management node process (or several in one loop, for tests)."""
+
+    def __init__(self, settings: Settings, *, extra_services: tuple[type[Service], ...] = ()) -> None:
+        self.settings = settings
+        self.extra_services = extra_services
+        self.topology = Topology(settings.queue_prefix)
+        self.uuid = ""
+        self.metrics = NodeMetrics()
+        self.db: Database | None = None
+        self.transport: Transport | None = None
+        self.bus: CloudBus | None = None
+        self.ring: LiveRing | None = None
+        self.membership: Membership | None = None
+        self.agents: AgentClient | None = None
+        self.services: list[Service] = []
+        self.portal: ApiPortal | None = None
+        self.http: EmbeddedServer | None = None
+        self.agent_server: EmbeddedServer | None = None
+        self.simulated_agent: SimulatedAgent | None = None
+        self._stop = asyncio.Event()
+        self._evicted = False
+        self._shutdown_started = False
+        self._shutdown_done = asyncio.Event()
+        self._started = False
+
+    @property
+    def http_url(self) -> str:
+        return self.http.url if self.http is not None else ""
+
+    @property
+    def evicted(self) -> bool:
+        return self._evicted
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+    async def run(self) -> int:
+        """Start, serve until asked to stop; on eviction rejoin with a new uuid (or exit 3)."""
+        while True:
+            try:
+                await self.start()
+                await self.wait()
+            finally:
+                await self.shutdown()
+            if not self._evicted:
+                return EXIT_OK
+            if self.settings.on_evicted == "exit":
+                return EXIT_EVICTED
+            log.warning("rejoining the cluster under a new uuid")
+            self._reset()
+
+    def _reset(self) -> None:
+        self.__init__(self.settings, extra_services=self.extra_services)  # type: ignore[misc]
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def start(self) -> None:
+        s = self.settings
+        self.uuid = str(uuidlib.uuid4())
+        bind_node(self.uuid)
+        log.info("node starting", broker=s.broker_url, database=s.database_url)
+        self.db = Database(s.database_url, timeout=max(s.heartbeat_interval * 2, 5.0))
+        await self.db.migrate()
+        self.transport = make_transport(s, self.topology, f"zstack-mn {self.uuid}")
+        await self.transport.start()
+        self.ring = LiveRing(self.uuid)
+        limits = BusLimits(s.call_timeout, s.max_message_bytes, s.prefetch, s.max_hops)
+        self.bus = CloudBus(self.uuid, self.transport, self.topology, ring=self.ring, limits=limits,
+                            metrics=self.metrics, on_no_route=self._on_no_route)
+        self.agents = AgentClient(s.agent_timeout)
+        if s.run_embedded_agent:
+            self.simulated_agent = SimulatedAgent()
+            self.agent_server = EmbeddedServer(create_agent_app(self.simulated_agent), "127.0.0.1", s.embedded_agent_port)
+            await self.agent_server.start()
+        http_address = f"http://{s.http_host}:{s.http_port}" if s.http_enabled else ""
+        self.membership = Membership(
+            self.uuid, self.db, self.bus, self.ring, s, services=self.service_names,
+            http_address=http_address, on_evicted=self._on_evicted,
+        )
+        await self.membership.join()
+        await self.membership.reconcile()
+        await self.bus.start()
+        ctx = ServiceContext(self.uuid, self.bus, self.db, self.ring, s, self.agents, lambda: self.membership.fenced)
+        classes = [*BUILTIN_SERVICES, *plugin_services(), *self.extra_services]
+        self.services = [cls(ctx) for cls in {c.name: c for c in classes}.values()]
+        for service in self.services:
+            await self.bus.serve(service.name, service.dispatch)
+        self.portal = ApiPortal(ctx)
+        await self.bus.serve_api(self.portal.dispatch)
+        self.ring.add_listener(lambda old, new: [svc.on_ring_changed() for svc in self.services])
+        await self.membership.announce_running()
+        self.membership.start()
+        for service in self.services:
+            await service.start()
+        if s.http_enabled:
+            self.http = EmbeddedServer(
+                create_app(self.portal, readiness=self.readiness, metrics_registry=self.metrics.registry,
+                           api_token=s.api_token, call_timeout=s.call_timeout),
+                s.http_host, s.http_port,
+            )
+            await self.http.start()
+        self._started = True
+        if self.agent_server is not None:
+            await self._ensure_default_host()
+        log.info("node started", http=self.http_url or None, services=self.service_names())
+
+    def service_names(self) -> list[str]:
+        return [svc.name for svc in self.services]
+
+    async def _ensure_default_host(self) -> None:
+        assert self.bus is not None and self.agent_server is not None and self.db is not None
+        url = f"{self.agent_server.url}/hosts/{EMBEDDED_HOST_ID}"
+        hosts = HostRepository(self.db)
+        _, existing = await hosts.query({"name": DEFAULT_HOST_NAME}, 1, 0)
+        if existing:
+            if existing[0].agent_url != url:
+                await hosts.update(existing[0].uuid, agent_url=url, status="Connected")
+            return
+        await self.bus.call(AddHostMsg(name=DEFAULT_HOST_NAME, agent_url=url), timeout=self.settings.call_timeout)
+        log.info("embedded simulated agent registered as a host", agent=url)
+
+    async def _on_no_route(self, _: str) -> None:
+        if self.membership is not None:
+            await self.membership.reconcile()
+
+    async def _on_evicted(self) -> None:
+        self._evicted = True
+        if self.bus is not None:
+            await self.bus.stop_serving()
+        self._stop.set()
+
+    async def readiness(self) -> dict[str, bool]:
+        db_ok = False
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                async with self.db.begin() as conn:
+                    await asyncio.wait_for(conn.exec_driver_sql("SELECT 1"), 2)
+                db_ok = True
+        return {
+            "bus": bool(self.transport and self.transport.connected),
+            "database": db_ok,
+            "running": bool(self.membership and self.membership.state == "RUNNING" and not self.membership.fenced),
+        }
+
+    async def shutdown(self) -> None:
+        """Stop in the documented order; idempotent, safe before or during start."""
+        if self._shutdown_started:
+            await self._shutdown_done.wait()
+            return
+        self._shutdown_started = True
+        self._stop.set()
+        try:
+            await self._shutdown()
+        finally:
+            self._shutdown_done.set()
+
+    async def _shutdown(self) -> None:
+        s = self.settings
+        log.info("node stopping", evicted=self._evicted)
+        if self.http is not None:
+            await self.http.stop()
+        if self.bus is not None:
+            await self.bus.stop_serving()
+            if not await self.bus.wait_idle(0 if self._evicted else s.drain_timeout):
+                log.warning("in-flight work did not finish within drain_timeout", drain_timeout=s.drain_timeout)
+        for service in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await service.stop()
+        if self.membership is not None and self._started and not self._evicted:
+            await self.membership.begin_leave()
+        if self.bus is not None and self.services:
+            queues = self.bus.node_queues([svc.name for svc in self.services], self.uuid)
+            with contextlib.suppress(Exception):
+                moved = await rescue_queues(self.bus, queues, bound=s.drain_timeout, ignore_consumers=True)
+                if moved:
+                    log.info("re-routed messages still queued for this node", moved=moved)
+        if self.membership is not None:
+            await self.membership.stop(delete_row=True)
+        if self.bus is not None:
+            await self.bus.close()
+        elif self.transport is not None:
+            await self.transport.close()
+        if self.agents is not None:
+            await self.agents.close()
+        if self.agent_server is not None:
+            await self.agent_server.stop()
+        if self.db is not None:
+            await self.db.close()
+        log.info("node stopped")
+
+
+__all__ = ["API_SERVICE", "EXIT_EVICTED", "EXIT_OK", "Node"]

@@ -1,0 +1,121 @@
+"""The API portal: every API message, from the shared ``api.portal`` queue or from this node's
+HTTP gateway, is validated here and routed on by the ring. A client never needs the ring.
+
+Idempotency: a request that carries a client key (``Idempotency-Key`` over HTTP, the envelope's
+``idempotencyKey`` header over AMQP) gets a message id derived from the key, so every node turns
+the same key into the same id; the first successful reply is stored and returned to any retry,
+and a retry racing the first attempt is applied once (resource uuids and operation ids derive from
+the same id).
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import Any
+
+import structlog
+
+from zstack_mn.bus.cloudbus import CloudBus, Request
+from zstack_mn.bus.topology import API_SERVICE
+from zstack_mn.cluster.ring import LiveRing
+from zstack_mn.db.hosts import HostRepository
+from zstack_mn.db.nodes import NodeRepository
+from zstack_mn.db.results import ResultRepository
+from zstack_mn.db.vms import VmRepository
+from zstack_mn.messages import ErrorCode, Message, ZStackError
+from zstack_mn.messages.api import (
+    ACTION_APIS,
+    APIQueryHostMsg,
+    APIQueryManagementNodeMsg,
+    APIQueryVmInstanceMsg,
+)
+from zstack_mn.messages.inventory import ManagementNodeInventory
+from zstack_mn.services.base import Service, ServiceContext
+
+log = structlog.get_logger(__name__)
+
+IDEMPOTENCY_HEADER = "idempotencyKey"
+IDEMPOTENCY_NAMESPACE = uuidlib.UUID("0b6f3c52-9a51-4d7e-a3f1-52c8b8e0d7a1")
+
+
+def request_id_for_key(key: str) -> str:
+    """The message id every node derives from a client's idempotency key."""
+    return str(uuidlib.uuid5(IDEMPOTENCY_NAMESPACE, key))
+
+
+class ApiPortal(Service):
+    name = API_SERVICE
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.results = ResultRepository(ctx.db)
+        self.hosts = HostRepository(ctx.db)
+        self.vms = VmRepository(ctx.db)
+        self.nodes = NodeRepository(ctx.db)
+
+    async def dispatch(self, req: Request) -> dict[str, Any]:
+        key = req.envelope.headers.get(IDEMPOTENCY_HEADER)
+        request_id = request_id_for_key(key) if key else req.envelope.id
+        body, handled_by = await self.handle(req.message, request_id=request_id, keyed=bool(key), timeout=req.time_left())
+        req.handled_by = handled_by
+        return body
+
+    async def handle(
+        self, msg: Message, *, request_id: str, keyed: bool, timeout: float | None
+    ) -> tuple[dict[str, Any], str]:
+        """Answer one API message: (reply body, uuid of the node that handled it)."""
+        if isinstance(msg, APIQueryVmInstanceMsg | APIQueryHostMsg | APIQueryManagementNodeMsg):
+            return await self.query(msg), self.ctx.node_uuid
+        if type(msg) not in ACTION_APIS or msg.TARGET is None:
+            raise ZStackError(ErrorCode.NO_HANDLER, f"{msg.type_name} is not an API message")
+        if keyed:
+            stored = await self.results.get(request_id)
+            if stored is not None:
+                return stored["body"], stored["handledBy"]
+        inner = msg.TARGET.model_validate(msg.model_dump())
+        reply = await self.bus.call_envelope(inner, timeout=timeout, msg_id=request_id)
+        if not reply.ok:
+            assert reply.error is not None
+            raise ZStackError.from_info(reply.error)
+        body = {"inventory": reply.body}
+        handled_by = reply.handled_by or self.ctx.node_uuid
+        if keyed:
+            await self.results.put(request_id, {"body": body, "handledBy": handled_by})
+        return body, handled_by
+
+    async def query(self, msg: Message) -> dict[str, Any]:
+        if isinstance(msg, APIQueryVmInstanceMsg):
+            filters = _filters(msg, ("uuid", "name", "state", "host_uuid"))
+            total, rows = await self.vms.query(filters, msg.limit, msg.start)
+            return {"total": total, "inventories": [r.to_wire() for r in rows]}
+        if isinstance(msg, APIQueryHostMsg):
+            filters = _filters(msg, ("uuid", "name", "state", "status"))
+            total, rows = await self.hosts.query(filters, msg.limit, msg.start)
+            return {"total": total, "inventories": [r.to_wire() for r in rows]}
+        assert isinstance(msg, APIQueryManagementNodeMsg)
+        nodes = await self.management_nodes()
+        if msg.uuid:
+            nodes = [n for n in nodes if n.uuid == msg.uuid]
+        page = nodes[msg.start : msg.start + msg.limit]
+        return {"total": len(nodes), "inventories": [n.to_wire() for n in page]}
+
+    async def management_nodes(self) -> list[ManagementNodeInventory]:
+        rows = await self.nodes.list()
+        ring = self.ctx.ring.nodes
+        share = 1 / len(ring) if ring else 0.0
+        return [
+            ManagementNodeInventory(
+                uuid=r.uuid,
+                host_name=r.host_name,
+                http_address=r.http_address,
+                state=r.state,
+                heartbeat_age=round(max(r.heartbeat_age, 0.0), 3),
+                ring_share=round(share if r.uuid in ring else 0.0, 4),
+                ring_digest=r.ring_digest,
+            )
+            for r in rows
+        ]
+
+
+def _filters(msg: Message, fields: tuple[str, ...]) -> dict[str, Any]:
+    return {f: getattr(msg, f) for f in fields if getattr(msg, f, None) is not None}

@@ -1,0 +1,302 @@
+"""The ``vmInstance`` service.
+
+Every operation is: check the state machine → one transaction that reserves capacity (where it
+must) and moves the VM to its transient state by compare-and-set, recording the message id
+(``op_id``) and this node (``op_node``) → the agent call, carrying the message id, which the agent
+applies once → one transaction to the final state. A redelivered message (same id) finds its
+``op_id`` on the row and resumes instead of repeating. A VM left in a transient state by a node
+that is gone is reconciled by its new owner against the agent's real state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from zstack_mn.agent.protocol import VmOp
+from zstack_mn.bus.cloudbus import Request
+from zstack_mn.db.hosts import HostRepository
+from zstack_mn.db.vms import VmRepository, vm_inventory
+from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.messages.events import VmStateChangedEvent
+from zstack_mn.messages.host import AllocateHostMsg
+from zstack_mn.messages.vm import (
+    VM,
+    CreateVmInstanceMsg,
+    DestroyVmInstanceMsg,
+    MigrateVmMsg,
+    RebootVmInstanceMsg,
+    StartVmInstanceMsg,
+    StopVmInstanceMsg,
+)
+from zstack_mn.services import vm_states as s
+from zstack_mn.services.base import Service, ServiceContext, handles
+from zstack_mn.services.ids import resource_uuid_for
+
+log = structlog.get_logger(__name__)
+
+RECONCILE_PAGE = 500
+
+
+class VmInstanceService(Service):
+    name = VM
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.vms = VmRepository(ctx.db)
+        self.hosts = HostRepository(ctx.db)
+        self._reconciler: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop(), name="vm-reconcile")
+        self._wake.set()
+
+    async def stop(self) -> None:
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            await asyncio.gather(self._reconciler, return_exceptions=True)
+
+    def on_ring_changed(self) -> None:
+        self._wake.set()
+
+    async def _load(self, uuid: str) -> Any:
+        row = await self.vms.get(uuid)
+        if row is None:
+            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
+        return row
+
+    async def _event(self, uuid: str, old: str | None, new: str, host: str | None) -> None:
+        if old != new:
+            await self.bus.publish(VmStateChangedEvent(vm_uuid=uuid, old_state=old, new_state=new, host_uuid=host))
+
+    async def _candidates(self, cpu: int, memory: int, preferred: str | None, req: Request) -> list[str]:
+        reply = await self.bus.call(
+            AllocateHostMsg(cpu_num=cpu, memory_size=memory, preferred_host_uuid=preferred),
+            timeout=_left(req, self.ctx.settings.call_timeout),
+        )
+        return list(reply["candidates"])
+
+    async def _reserve_any(self, conn: AsyncConnection, candidates: list[str], cpu: int, memory: int) -> str:
+        for host in candidates:
+            if await self.hosts.reserve(conn, host, cpu, memory):
+                return host
+        raise ZStackError(ErrorCode.NO_CAPACITY, f"no host could take {cpu} CPUs and {memory} bytes (all candidates full)")
+
+    @handles(CreateVmInstanceMsg)
+    async def create(self, msg: CreateVmInstanceMsg, req: Request) -> dict[str, Any]:
+        uuid = msg.uuid or resource_uuid_for(req.envelope.id)
+        existing = await self.vms.get(uuid)
+        if existing is not None:
+            if existing.op_id == req.envelope.id:
+                async with self.chains.serial(uuid):
+                    return await self._operate(uuid, "start", req)
+            raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid)
+        for attempt in range(3):
+            candidates = [msg.host_uuid] if msg.host_uuid else await self._candidates(msg.cpu_num, msg.memory_size, None, req)
+            try:
+                async with self.db.begin() as conn:
+                    host = await self._reserve_any(conn, candidates, msg.cpu_num, msg.memory_size)
+                    await self.vms.insert(
+                        conn,
+                        uuid=uuid,
+                        name=msg.name,
+                        state=s.STARTING,
+                        host_uuid=host,
+                        cpu_num=msg.cpu_num,
+                        memory_size=msg.memory_size,
+                        op_id=req.envelope.id,
+                        op_node=self.ctx.node_uuid,
+                    )
+                break
+            except ZStackError as exc:
+                if exc.code is not ErrorCode.NO_CAPACITY or msg.host_uuid or attempt == 2:
+                    raise
+            except IntegrityError:
+                raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid) from None
+        await self._event(uuid, None, s.STARTING, host)
+        async with self.chains.serial(uuid):
+            return await self._operate(uuid, "start", req)
+
+    @handles(StartVmInstanceMsg)
+    async def start_vm(self, msg: StartVmInstanceMsg, req: Request) -> dict[str, Any]:
+        return await self._operate(msg.uuid, "start", req)
+
+    @handles(StopVmInstanceMsg)
+    async def stop_vm(self, msg: StopVmInstanceMsg, req: Request) -> dict[str, Any]:
+        return await self._operate(msg.uuid, "stop", req)
+
+    @handles(RebootVmInstanceMsg)
+    async def reboot_vm(self, msg: RebootVmInstanceMsg, req: Request) -> dict[str, Any]:
+        return await self._operate(msg.uuid, "reboot", req)
+
+    @handles(DestroyVmInstanceMsg)
+    async def destroy_vm(self, msg: DestroyVmInstanceMsg, req: Request) -> dict[str, Any]:
+        return await self._operate(msg.uuid, "destroy", req)
+
+    @handles(MigrateVmMsg)
+    async def migrate_vm(self, msg: MigrateVmMsg, req: Request) -> dict[str, Any]:
+        return await self._operate(msg.uuid, "migrate", req, target=msg.host_uuid)
+
+    async def _operate(self, uuid: str, name: str, req: Request, target: str | None = None) -> dict[str, Any]:
+        op = s.OPERATIONS[name]
+        op_id = req.envelope.id
+        vm = await self._load(uuid)
+        if vm.op_id == op_id and vm.state != op.transient:
+            return vm_inventory(vm).to_wire()
+        if vm.op_id != op_id:
+            vm = await self._begin(vm, name, req, target)
+        await self.wait_unfenced(req)
+        host_uuid = vm.host_uuid
+        host = await self.hosts.get(host_uuid) if host_uuid else None
+        if host is None:
+            return await self._finish(vm, op, None)
+        target_id = vm.target_host_uuid
+        try:
+            await self.ctx.agents.vm_op(
+                host.agent_url,
+                uuid,
+                op.agent_op,
+                VmOp(op_id=op_id, cpu_num=vm.cpu_num, memory_size=vm.memory_size, target_host_id=target_id),
+            )
+        except ZStackError as exc:
+            await self._settle_from_agent(vm, fallback_failed_start=name == "start")
+            raise exc
+        return await self._finish(vm, op, target_id)
+
+    async def _begin(self, vm: Any, name: str, req: Request, target: str | None) -> Any:
+        """State machine check + capacity + CAS to the transient state, in one transaction."""
+        op = s.OPERATIONS[name]
+        if vm.state not in op.allowed_from:
+            raise ZStackError(
+                ErrorCode.INVALID_STATE,
+                f"vm {vm.uuid} is {vm.state}; cannot {name} it (allowed from {', '.join(sorted(op.allowed_from))})",
+                uuid=vm.uuid,
+                state=vm.state,
+            )
+        values: dict[str, Any] = {"state": op.transient, "op_id": req.envelope.id, "op_node": self.ctx.node_uuid}
+        candidates: list[str] = []
+        if name == "start" and vm.host_uuid is None:
+            candidates = await self._candidates(vm.cpu_num, vm.memory_size, vm.last_host_uuid, req)
+        elif name == "migrate":
+            if target == vm.host_uuid:
+                raise ZStackError(ErrorCode.INVALID_ARGUMENT, "hostUuid: the VM already runs on that host", field="hostUuid")
+            candidates = [target] if target else [
+                h for h in await self._candidates(vm.cpu_num, vm.memory_size, None, req) if h != vm.host_uuid
+            ]
+            if not candidates:
+                raise ZStackError(ErrorCode.NO_CAPACITY, "no other host can take this VM")
+        async with self.db.begin() as conn:
+            if candidates:
+                chosen = await self._reserve_any(conn, candidates, vm.cpu_num, vm.memory_size)
+                values["target_host_uuid" if name == "migrate" else "host_uuid"] = chosen
+            if not await self.vms.cas(conn, vm.uuid, vm.version, **values):
+                raise ZStackError(ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} changed concurrently; retry")
+            fresh = await self.vms.get_in(conn, vm.uuid)
+        await self._event(vm.uuid, vm.state, op.transient, fresh.host_uuid)
+        return fresh
+
+    async def _finish(self, vm: Any, op: s.Operation, target: str | None) -> dict[str, Any]:
+        """Transient → final, with the capacity bookkeeping of ``op``."""
+        values: dict[str, Any] = {"state": op.final}
+        async with self.db.begin() as conn:
+            if op.agent_op in ("stop", "destroy"):
+                await self.hosts.release(conn, vm.host_uuid, vm.cpu_num, vm.memory_size)
+                values.update(host_uuid=None, last_host_uuid=vm.host_uuid or vm.last_host_uuid)
+            elif op.agent_op == "migrate" and target:
+                await self.hosts.release(conn, vm.host_uuid, vm.cpu_num, vm.memory_size)
+                values.update(host_uuid=target, last_host_uuid=vm.host_uuid, target_host_uuid=None)
+            if not await self.vms.cas(conn, vm.uuid, vm.version, **values):
+                current = await self.vms.get_in(conn, vm.uuid)
+                log.warning("vm changed while the operation ran; keeping its current state", vm=vm.uuid)
+                return vm_inventory(current).to_wire()
+            fresh = await self.vms.get_in(conn, vm.uuid)
+        await self._event(vm.uuid, vm.state, op.final, fresh.host_uuid)
+        return vm_inventory(fresh).to_wire()
+
+    async def _settle_from_agent(self, vm: Any, *, fallback_failed_start: bool = False) -> None:
+        """Set a VM in a transient state to what its agent reports (capacity follows)."""
+        vm = await self.vms.get(vm.uuid)
+        if vm is None or vm.state not in s.TRANSIENT:
+            return
+        real: str | None = None
+        where: str | None = None
+        for host_uuid in filter(None, (vm.host_uuid, vm.target_host_uuid)):
+            host = await self.hosts.get(host_uuid)
+            if host is None:
+                continue
+            try:
+                listing = await self.ctx.agents.list_vms(host.agent_url)
+            except ZStackError:
+                continue
+            found = next((v.state for v in listing.vms if v.uuid == vm.uuid), None)
+            if found is not None:
+                real, where = found, host_uuid
+                break
+            real = real or "Absent"
+        if real is None:
+            state = s.STOPPED if fallback_failed_start and vm.state == s.STARTING else s.UNKNOWN
+        elif real == "Running":
+            state = s.RUNNING
+        elif vm.state == s.DESTROYING and real == "Absent":
+            state = s.DESTROYED
+        else:
+            state = s.STOPPED
+        values: dict[str, Any] = {"state": state, "target_host_uuid": None}
+        async with self.db.begin() as conn:
+            if state == s.RUNNING:
+                keep = where or vm.host_uuid
+                for other in {vm.host_uuid, vm.target_host_uuid} - {keep, None}:
+                    await self.hosts.release(conn, other, vm.cpu_num, vm.memory_size)
+                values["host_uuid"] = keep
+            elif state in (s.STOPPED, s.DESTROYED):
+                for held in {vm.host_uuid, vm.target_host_uuid} - {None}:
+                    await self.hosts.release(conn, held, vm.cpu_num, vm.memory_size)
+                values.update(host_uuid=None, last_host_uuid=vm.host_uuid or vm.last_host_uuid)
+            if not await self.vms.cas(conn, vm.uuid, vm.version, **values):
+                return
+        log.info("vm state reconciled with its agent", vm=vm.uuid, was=vm.state, now=state)
+        await self._event(vm.uuid, vm.state, state, values.get("host_uuid"))
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.reconcile_transient()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("vm reconcile pass failed")
+            await asyncio.sleep(min(self.ctx.settings.heartbeat_interval, 1.0))
+
+    async def reconcile_transient(self) -> int:
+        """Settle every VM this node owns that a node no longer in the ring left transient."""
+        settled, after = 0, ""
+        while True:
+            page = await self.vms.in_states(s.TRANSIENT, after, RECONCILE_PAGE)
+            if not page:
+                return settled
+            after = page[-1].uuid
+            for row in page:
+                if not self.ctx.ring.is_mine(row.uuid) or self.ctx.is_fenced():
+                    continue
+                async with self.chains.slot(row.uuid):
+                    vm = await self.vms.get(row.uuid)
+                    if vm is None or vm.state not in s.TRANSIENT:
+                        continue
+                    if vm.op_node != self.ctx.node_uuid and vm.op_node in self.ctx.ring.nodes:
+                        continue
+                    await self._settle_from_agent(vm)
+                    settled += 1
+
+
+def _left(req: Request, default: float) -> float:
+    left = req.time_left()
+    return default if left is None else max(left, 0.001)
+
+

@@ -1,0 +1,30 @@
+"""The VM state machine: which operation is allowed from which state, through which transient
+state, to which final state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CREATED, STARTING, RUNNING = "Created", "Starting", "Running"
+STOPPING, STOPPED, REBOOTING = "Stopping", "Stopped", "Rebooting"
+MIGRATING, DESTROYING, DESTROYED, UNKNOWN = "Migrating", "Destroying", "Destroyed", "Unknown"
+
+TRANSIENT = (STARTING, STOPPING, REBOOTING, MIGRATING, DESTROYING)
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    agent_op: str
+    allowed_from: frozenset[str]
+    transient: str
+    final: str
+    holds_capacity: bool
+
+
+OPERATIONS = {
+    "start": Operation("start", frozenset({CREATED, STOPPED}), STARTING, RUNNING, True),
+    "stop": Operation("stop", frozenset({RUNNING, UNKNOWN}), STOPPING, STOPPED, False),
+    "reboot": Operation("reboot", frozenset({RUNNING}), REBOOTING, RUNNING, True),
+    "destroy": Operation("destroy", frozenset({CREATED, STOPPED, RUNNING, UNKNOWN}), DESTROYING, DESTROYED, False),
+    "migrate": Operation("migrate", frozenset({RUNNING}), MIGRATING, RUNNING, True),
+}

@@ -1,0 +1,251 @@
+"""The HTTP gateway of a node: REST in the style of ZStack's API, handed to this node's portal.
+
+Request bodies are the API message models themselves (``{"params": {...}}`` for creates,
+``{"<action>": {...}}`` for actions), so ``/openapi.json`` comes from the same pydantic models as
+the bus messages. Errors are ``{"error": {"code", "description", "details"}}`` with the status of
+their code; the node that handled a request is in ``X-Handled-By``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from zstack_mn.messages import ErrorCode, Message, ZStackError
+from zstack_mn.messages.api import (
+    MAX_PAGE,
+    APIAddHostMsg,
+    APIChangeHostStateMsg,
+    APICreateVmInstanceMsg,
+    APIDeleteHostMsg,
+    APIDestroyVmInstanceMsg,
+    APIMigrateVmMsg,
+    APIQueryHostMsg,
+    APIQueryManagementNodeMsg,
+    APIQueryVmInstanceMsg,
+    APIRebootVmInstanceMsg,
+    APIReconnectHostMsg,
+    APIStartVmInstanceMsg,
+    APIStopVmInstanceMsg,
+)
+from zstack_mn.messages.envelope import validation_error
+from zstack_mn.services.api_portal import ApiPortal, request_id_for_key
+
+MAX_BODY_BYTES = 64 * 1024
+HANDLED_BY = "X-Handled-By"
+
+
+def _params_of(api: type[Message]) -> type[BaseModel]:
+    """The action's parameters: the API message's fields less the uuid (it is in the path)."""
+    fields = {
+        name: (f.annotation, f) for name, f in api.model_fields.items() if name != "uuid"
+    }
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        f"{api.TARGET.__name__ if api.TARGET else api.__name__}Params",
+        __config__=ConfigDict(alias_generator=api.model_config.get("alias_generator"), populate_by_name=True, extra="forbid"),
+        **fields,
+    )
+
+
+def _action_body(name: str, actions: dict[str, type[Message]]) -> type[BaseModel]:
+    fields: dict[str, Any] = {key: (_params_of(api) | None, Field(None)) for key, api in actions.items()}
+
+    def exactly_one(self: BaseModel) -> BaseModel:
+        chosen = [k for k in actions if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(f"give exactly one action of: {', '.join(actions)}")
+        return self
+
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        name,
+        __config__=ConfigDict(extra="forbid"),
+        __validators__={"exactly_one": model_validator(mode="after")(exactly_one)},
+        **fields,
+    )
+
+
+VM_ACTIONS: dict[str, type[Message]] = {
+    "startVmInstance": APIStartVmInstanceMsg,
+    "stopVmInstance": APIStopVmInstanceMsg,
+    "rebootVmInstance": APIRebootVmInstanceMsg,
+    "migrateVm": APIMigrateVmMsg,
+}
+HOST_ACTIONS: dict[str, type[Message]] = {
+    "reconnectHost": APIReconnectHostMsg,
+    "changeHostState": APIChangeHostStateMsg,
+}
+VmActionRequest = _action_body("VmActionRequest", VM_ACTIONS)
+HostActionRequest = _action_body("HostActionRequest", HOST_ACTIONS)
+CreateVmRequest = create_model("CreateVmRequest", __config__=ConfigDict(extra="forbid"), params=(APICreateVmInstanceMsg, ...))
+AddHostRequest = create_model("AddHostRequest", __config__=ConfigDict(extra="forbid"), params=(APIAddHostMsg, ...))
+
+
+def error_response(err: ZStackError) -> JSONResponse:
+    return JSONResponse({"error": err.to_info().model_dump()}, status_code=err.code.http_status)  # type: ignore[attr-defined]
+
+
+def _uuid(value: str, field: str = "uuid") -> str:
+    try:
+        return str(uuidlib.UUID(value))
+    except ValueError:
+        raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{field}: must be a uuid", field=field) from None
+
+
+def create_app(portal: ApiPortal, *, readiness: Callable[[], Awaitable[dict[str, bool]]], metrics_registry: Any,
+               api_token: str | None, call_timeout: float) -> FastAPI:
+    """The FastAPI app of one node."""
+    app = FastAPI(title="zstack-mn", version="0.1.0", description="Management-node API (ZStack style REST).")
+
+    async def authorize(authorization: str | None = Header(None, include_in_schema=False)) -> None:
+        if api_token and authorization != f"Bearer {api_token}":
+            raise ZStackError(ErrorCode.UNAUTHORIZED, "a valid bearer token is required")
+
+    @app.exception_handler(ZStackError)
+    async def _zstack_error(_: Request, exc: ZStackError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for e in exc.errors():
+            loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path", "params")]
+            problems.append({"field": ".".join(loc), "message": e.get("msg", "invalid")})
+        first = problems[0] if problems else {"field": "", "message": "invalid request"}
+        return error_response(
+            ZStackError(ErrorCode.INVALID_ARGUMENT, f"{first['field'] or 'body'}: {first['message']}",
+                        field=first["field"], errors=problems)
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = ErrorCode.RESOURCE_NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_ARGUMENT
+        resp = error_response(ZStackError(code, str(exc.detail)))
+        resp.status_code = exc.status_code
+        return resp
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_response(ZStackError(ErrorCode.MESSAGE_TOO_LARGE, f"request body over {MAX_BODY_BYTES} bytes"))
+        return await call_next(request)
+
+    async def run(msg: Message, key: str | None, response: Response) -> dict[str, Any]:
+        request_id = request_id_for_key(key) if key else str(uuidlib.uuid4())
+        body, handled_by = await portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout)
+        response.headers[HANDLED_BY] = handled_by
+        return body
+
+    def build(api: type[Message], data: dict[str, Any]) -> Message:
+        try:
+            return api.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc, api.type_name) from None
+
+    guard = [Depends(authorize)]
+    key_header = Header(None, alias="Idempotency-Key", max_length=200)
+
+    @app.post("/v1/vm-instances", dependencies=guard, tags=["vm"])
+    async def create_vm(body: CreateVmRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
+        return await run(body.params, key, response)  # type: ignore[attr-defined]
+
+    @app.get("/v1/vm-instances", dependencies=guard, tags=["vm"])
+    async def query_vms(
+        response: Response,
+        uuid: str | None = None,
+        name: str | None = None,
+        state: str | None = None,
+        hostUuid: str | None = None,  # noqa: N803
+        limit: int = Query(100, ge=1, le=MAX_PAGE),
+        start: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        msg = build(APIQueryVmInstanceMsg, {"uuid": uuid, "name": name, "state": state, "hostUuid": hostUuid, "limit": limit, "start": start})
+        return await run(msg, None, response)
+
+    @app.get("/v1/vm-instances/{uuid}", dependencies=guard, tags=["vm"])
+    async def get_vm(uuid: str, response: Response) -> dict[str, Any]:
+        page = await run(build(APIQueryVmInstanceMsg, {"uuid": _uuid(uuid)}), None, response)
+        if not page["inventories"]:
+            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
+        return {"inventory": page["inventories"][0]}
+
+    @app.put("/v1/vm-instances/{uuid}/actions", dependencies=guard, tags=["vm"])
+    async def vm_action(uuid: str, body: VmActionRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
+        return await run(_action_message(uuid, body, VM_ACTIONS, build), key, response)
+
+    @app.delete("/v1/vm-instances/{uuid}", dependencies=guard, tags=["vm"])
+    async def destroy_vm(uuid: str, response: Response, key: str | None = key_header) -> dict[str, Any]:
+        return await run(build(APIDestroyVmInstanceMsg, {"uuid": _uuid(uuid)}), key, response)
+
+    @app.post("/v1/hosts", dependencies=guard, tags=["host"])
+    async def add_host(body: AddHostRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
+        return await run(body.params, key, response)  # type: ignore[attr-defined]
+
+    @app.get("/v1/hosts", dependencies=guard, tags=["host"])
+    async def query_hosts(
+        response: Response,
+        uuid: str | None = None,
+        name: str | None = None,
+        state: str | None = None,
+        status: str | None = None,
+        limit: int = Query(100, ge=1, le=MAX_PAGE),
+        start: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        msg = build(APIQueryHostMsg, {"uuid": uuid, "name": name, "state": state, "status": status, "limit": limit, "start": start})
+        return await run(msg, None, response)
+
+    @app.get("/v1/hosts/{uuid}", dependencies=guard, tags=["host"])
+    async def get_host(uuid: str, response: Response) -> dict[str, Any]:
+        page = await run(build(APIQueryHostMsg, {"uuid": _uuid(uuid)}), None, response)
+        if not page["inventories"]:
+            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"host {uuid} not found", uuid=uuid)
+        return {"inventory": page["inventories"][0]}
+
+    @app.put("/v1/hosts/{uuid}/actions", dependencies=guard, tags=["host"])
+    async def host_action(uuid: str, body: HostActionRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
+        return await run(_action_message(uuid, body, HOST_ACTIONS, build), key, response)
+
+    @app.delete("/v1/hosts/{uuid}", dependencies=guard, tags=["host"])
+    async def delete_host(uuid: str, response: Response, key: str | None = key_header) -> dict[str, Any]:
+        return await run(build(APIDeleteHostMsg, {"uuid": _uuid(uuid)}), key, response)
+
+    @app.get("/v1/management-nodes", dependencies=guard, tags=["cluster"])
+    async def management_nodes(
+        response: Response, limit: int = Query(100, ge=1, le=MAX_PAGE), start: int = Query(0, ge=0)
+    ) -> dict[str, Any]:
+        return await run(build(APIQueryManagementNodeMsg, {"limit": limit, "start": start}), None, response)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        checks = await readiness()
+        return JSONResponse({"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.started = time.time()
+    return app
+
+
+def _action_message(
+    uuid: str, body: BaseModel, actions: dict[str, type[Message]], build: Callable[[type[Message], dict[str, Any]], Message]
+) -> Message:
+    for key, api in actions.items():
+        params = getattr(body, key)
+        if params is not None:
+            return build(api, {"uuid": _uuid(uuid), **params.model_dump(by_alias=True, exclude_none=True)})
+    raise ZStackError(ErrorCode.INVALID_ARGUMENT, "no action given")
