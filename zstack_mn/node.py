@@ -168,7 +168,7 @@ class Node:
             await service.start()
         if s.http_enabled:
             self.http = EmbeddedServer(
-                create_app(self.portal, readiness=self.readiness, metrics_registry=self.metrics.registry,
+                create_app(self.portal, node_uuid=self.uuid, readiness=self.readiness, metrics_registry=self.metrics.registry,
                            api_token=s.api_token, call_timeout=s.call_timeout),
                 s.http_host, s.http_port,
             )

@@ -31,7 +31,7 @@ from zstack_mn.cluster.rescue import rescue_queues
 from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database
-from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, NodeRepository, NodeRow, to_unsigned
+from zstack_mn.db.nodes import LEAVING, RUNNING, NodeRepository, NodeRow
 from zstack_mn.messages import Event, ZStackError
 
 log = structlog.get_logger(__name__)
@@ -72,7 +72,7 @@ class Membership:
         self.liveness = LivenessSession(db, node_uuid, timeout=max(settings.heartbeat_interval, 1.0))
         self.last_success = time.monotonic()
         self.healthy_since: float | None = None
-        self.state = JOINING
+        self.state = "JOINING"
         self.evicted = False
         self._task: asyncio.Task[None] | None = None
         self._rescues: set[asyncio.Task[None]] = set()
@@ -184,10 +184,10 @@ class Membership:
             won, reason = False, ""
             if use_timeout and row.heartbeat_age > self.settings.node_timeout:
                 won, reason = await self.nodes.evict_if_stale(row.uuid, self.settings.node_timeout), "heartbeat timeout"
-            elif use_liveness and row.state != JOINING:
+            elif use_liveness:
                 if held is None:
                     held = await self.nodes.held_liveness_keys()
-                if to_unsigned(row.liveness_key) not in held:
+                if row.liveness_key not in held:
                     won, reason = await self.nodes.evict_if_session_gone(row.uuid, row.liveness_key), "session gone"
             if won:
                 log.warning("evicted a dead node", dead=row.uuid, reason=reason, heartbeat_age=round(row.heartbeat_age, 2))

@@ -29,10 +29,6 @@ class NodeRow:
     heartbeat_age: float
 
 
-def to_unsigned(key: int) -> int:
-    return key & 0xFFFF_FFFF_FFFF_FFFF
-
-
 class NodeRepository:
     """Membership rows."""
 
@@ -104,7 +100,7 @@ class NodeRepository:
                 delete(self.t)
                 .where(
                     self.t.c.uuid == uuid,
-                    ~select(held.c.k).where(held.c.k == to_unsigned(liveness_key)).exists(),
+                    ~select(held.c.k).where(held.c.k == liveness_key).exists(),
                 )
                 .returning(self.t.c.uuid)
             )

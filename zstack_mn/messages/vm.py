@@ -47,3 +47,12 @@ class DestroyVmInstanceMsg(_VmMsg):
 class MigrateVmMsg(_VmMsg):
     SERVICE: ClassVar[str] = VM
     host_uuid: ResourceUuid | None = None
+
+
+OPERATION_MESSAGES: dict[str, type[_VmMsg]] = {
+    "start": StartVmInstanceMsg,
+    "stop": StopVmInstanceMsg,
+    "reboot": RebootVmInstanceMsg,
+    "destroy": DestroyVmInstanceMsg,
+    "migrate": MigrateVmMsg,
+}

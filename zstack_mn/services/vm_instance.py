@@ -11,6 +11,7 @@ that is gone is reconciled by its new owner against the agent's real state.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import structlog
@@ -21,13 +22,14 @@ from zstack_mn.agent.protocol import VmOp
 from zstack_mn.bus.cloudbus import Request
 from zstack_mn.db.hosts import HostRepository
 from zstack_mn.db.vms import VmRepository, vm_inventory
-from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.messages import Envelope, ErrorCode, ZStackError
 from zstack_mn.messages.events import VmStateChangedEvent
 from zstack_mn.messages.host import AllocateHostMsg
 from zstack_mn.messages.vm import (
     VM,
     CreateVmInstanceMsg,
     DestroyVmInstanceMsg,
+    OPERATION_MESSAGES,
     MigrateVmMsg,
     RebootVmInstanceMsg,
     StartVmInstanceMsg,
@@ -275,7 +277,9 @@ class VmInstanceService(Service):
             await asyncio.sleep(min(self.ctx.settings.heartbeat_interval, 1.0))
 
     async def reconcile_transient(self) -> int:
-        """Settle every VM this node owns that a node no longer in the ring left transient."""
+        """Finish every operation a node no longer in the ring left half-done on a VM this node
+        owns now: re-issue it to the agent under its original op id (applied once there), then
+        complete it; if the agent cannot, settle the VM to what the agent reports."""
         settled, after = 0, ""
         while True:
             page = await self.vms.in_states(s.TRANSIENT, after, RECONCILE_PAGE)
@@ -287,11 +291,19 @@ class VmInstanceService(Service):
                     continue
                 async with self.chains.slot(row.uuid):
                     vm = await self.vms.get(row.uuid)
-                    if vm is None or vm.state not in s.TRANSIENT:
+                    if vm is None or vm.state not in s.TRANSIENT or vm.op_id is None:
                         continue
                     if vm.op_node != self.ctx.node_uuid and vm.op_node in self.ctx.ring.nodes:
                         continue
-                    await self._settle_from_agent(vm)
+                    name = s.OPERATION_OF_TRANSIENT[vm.state]
+                    msg = OPERATION_MESSAGES[name](uuid=vm.uuid)
+                    env = Envelope.request(msg, ttl_ms=None, msg_id=vm.op_id)
+                    req = Request(env, msg, time.monotonic() + self.ctx.settings.call_timeout)
+                    try:
+                        await self._operate(vm.uuid, name, req, target=vm.target_host_uuid)
+                    except ZStackError as exc:
+                        log.warning("could not finish a stranded operation", vm=vm.uuid, error=exc.description)
+                    log.info("stranded operation finished by the new owner", vm=vm.uuid, operation=name)
                     settled += 1
 
 

@@ -28,3 +28,5 @@ OPERATIONS = {
     "destroy": Operation("destroy", frozenset({CREATED, STOPPED, RUNNING, UNKNOWN}), DESTROYING, DESTROYED, False),
     "migrate": Operation("migrate", frozenset({RUNNING}), MIGRATING, RUNNING, True),
 }
+
+OPERATION_OF_TRANSIENT = {op.transient: name for name, op in OPERATIONS.items()}

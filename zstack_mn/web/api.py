@@ -100,7 +100,7 @@ def _uuid(value: str, field: str = "uuid") -> str:
         raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{field}: must be a uuid", field=field) from None
 
 
-def create_app(portal: ApiPortal, *, readiness: Callable[[], Awaitable[dict[str, bool]]], metrics_registry: Any,
+def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awaitable[dict[str, bool]]], metrics_registry: Any,
                api_token: str | None, call_timeout: float) -> FastAPI:
     """The FastAPI app of one node."""
     app = FastAPI(title="zstack-mn", version="0.1.0", description="Management-node API (ZStack style REST).")
@@ -226,7 +226,7 @@ def create_app(portal: ApiPortal, *, readiness: Callable[[], Awaitable[dict[str,
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
+        return {"status": "alive", "node": node_uuid}
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:

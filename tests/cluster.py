@@ -1,0 +1,195 @@
+"""A harness that runs real ``zstack-mn`` processes and a simulated agent against the real
+RabbitMQ and PostgreSQL, for the cluster and fault tests (and usable from a script).
+
+Every process it starts is stopped at the end (SIGKILL after a bounded wait), even on failure;
+each node logs JSON lines to its own file under the run directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from zstack_mn.cluster.status import cluster_status
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+    port: int
+    uuid: str = ""
+    uuids: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.kill(self.popen.pid, sig)
+
+
+class ClusterHarness:
+    """N management nodes + one simulated agent, isolated by vhost, database and queue prefix."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        amqp_url: str,
+        database_url: str,
+        queue_prefix: str,
+        heartbeat: float = 0.5,
+        node_timeout: float = 3.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.amqp_url = amqp_url
+        self.database_url = database_url
+        self.queue_prefix = queue_prefix
+        self.heartbeat = heartbeat
+        self.node_timeout = node_timeout
+        self.extra_env = env or {}
+        self.nodes: list[Proc] = []
+        self.agent: Proc | None = None
+        self._http = httpx.AsyncClient(timeout=5)
+
+    def _env(self, port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTACK_MN_")}
+        env.update(
+            ZSTACK_MN_BROKER_URL=self.amqp_url,
+            ZSTACK_MN_DATABASE_URL=self.database_url,
+            ZSTACK_MN_QUEUE_PREFIX=self.queue_prefix,
+            ZSTACK_MN_HTTP_PORT=str(port),
+            ZSTACK_MN_HEARTBEAT_INTERVAL=str(self.heartbeat),
+            ZSTACK_MN_NODE_TIMEOUT=str(self.node_timeout),
+            ZSTACK_MN_DRAIN_TIMEOUT="10",
+            ZSTACK_MN_HOST_PING_INTERVAL="1",
+            ZSTACK_MN_LOG_FORMAT="json",
+            ZSTACK_MN_EMBEDDED_AGENT="false",
+        )
+        env.update(self.extra_env)
+        env.update(extra or {})
+        return env
+
+    def _spawn(self, name: str, args: list[str], port: int, extra: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}.log"
+        fh = log.open("ab")
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "zstack_mn", *args],
+            env=self._env(port, extra),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        fh.close()
+        return Proc(name, popen, log, port)
+
+    async def start_agent(self, cpu: int = 64, memory: str = "256G") -> str:
+        port = free_port()
+        self.agent = self._spawn("agent", ["agent", "--port", str(port), "--cpu", str(cpu), "--memory", memory], port)
+        await self._wait_http(self.agent, "/admin/stats")
+        return self.agent.url
+
+    async def start_node(self, extra_env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+        port = free_port()
+        proc = self._spawn(f"node{len(self.nodes) + 1}", ["start"], port, extra_env)
+        self.nodes.append(proc)
+        if wait:
+            await self.wait_ready(proc)
+        return proc
+
+    async def start_nodes(self, n: int) -> list[Proc]:
+        procs = [await self.start_node(wait=False) for _ in range(n)]
+        await asyncio.gather(*(self.wait_ready(p) for p in procs))
+        return procs
+
+    async def _wait_http(self, proc: Proc, path: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not proc.alive:
+                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{self.tail(proc)}")
+            try:
+                resp = await self._http.get(proc.url + path)
+                if resp.status_code == 200:
+                    return dict(resp.json())
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{proc.name} not ready within {timeout}s:\n{self.tail(proc)}")
+
+    async def wait_ready(self, proc: Proc, timeout: float = 60) -> None:
+        await self._wait_http(proc, "/readyz", timeout)
+        proc.uuid = (await self._wait_http(proc, "/healthz", timeout))["node"]
+        proc.uuids.append(proc.uuid)
+
+    async def current_uuid(self, proc: Proc) -> str:
+        return str((await self._wait_http(proc, "/healthz"))["node"])
+
+    async def status(self) -> dict[str, Any]:
+        return await cluster_status(self.database_url)
+
+    async def wait_until(self, predicate: Any, timeout: float, what: str, interval: float = 0.05) -> float:
+        """Await ``predicate()`` (sync or async) becoming true; returns the seconds it took."""
+        started = time.monotonic()
+        while True:
+            result = predicate()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result:
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"{what} not reached within {timeout}s")
+            await asyncio.sleep(interval)
+
+    async def rings_agree(self, expected: set[str]) -> bool:
+        report = await self.status()
+        running = {n["uuid"] for n in report["nodes"] if n["state"] == "RUNNING"}
+        return running == expected and bool(report["ringsAgree"])
+
+    def urls(self, procs: list[Proc] | None = None) -> list[str]:
+        return [p.url for p in (procs or self.nodes) if p.alive]
+
+    def tail(self, proc: Proc, lines: int = 30) -> str:
+        try:
+            return "\n".join(proc.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    async def close(self) -> None:
+        procs = [p for p in [*self.nodes, self.agent] if p is not None]
+        for p in procs:
+            if p.alive:
+                p.signal(signal.SIGCONT)
+                p.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in procs:
+            while p.alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if p.alive:
+                os.killpg(p.popen.pid, signal.SIGKILL)
+            p.popen.wait(timeout=10)
+        await self._http.aclose()

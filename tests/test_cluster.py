@@ -1,0 +1,182 @@
+"""Membership on real processes, RabbitMQ and PostgreSQL: rings, SIGKILL, SIGSTOP, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import ClusterHarness
+from zstack_mn.client import Client
+from zstack_mn.cluster.ring import HashRing
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, amqp_url: str, pg_database: str) -> AsyncIterator[ClusterHarness]:
+    h = ClusterHarness(tmp_path, amqp_url=amqp_url, database_url=pg_database, queue_prefix=f"c{uuid.uuid4().hex[:8]}")
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+async def test_three_nodes_agree_on_the_ring(harness: ClusterHarness):
+    nodes = await harness.start_nodes(3)
+    expected = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(expected), 10, "rings agree")
+    async with Client.http(harness.urls()) as client:
+        listed = await client.management_nodes()
+    assert {n["uuid"] for n in listed["inventories"]} == expected
+    assert listed["total"] == 3
+
+
+async def setup_vms(harness: ClusterHarness, count: int, hosts: int = 2) -> tuple[Client, list[str]]:
+    agent = await harness.start_agent()
+    client = Client.http(harness.urls(), timeout=60)
+    for i in range(hosts):
+        await client.add_host(f"h{i}", f"{agent}/hosts/h{i}")
+    vms = await asyncio.gather(*(client.create_vm(f"vm{i}", cpu_num=1, memory_size="64M") for i in range(count)))
+    assert all(vm["state"] == "Running" for vm in vms)
+    return client, [vm["uuid"] for vm in vms]
+
+
+def owned(vms: list[str], ring_nodes: set[str], node: str) -> list[str]:
+    ring = HashRing(ring_nodes)
+    return [v for v in vms if ring.owner_of(v) == node]
+
+
+async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: ClusterHarness):
+    nodes = await harness.start_nodes(3)
+    uuids = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    client, vms = await setup_vms(harness, 30)
+    victim, survivors = nodes[2], nodes[:2]
+    victims_vms = owned(vms, uuids, victim.uuid)
+    assert victims_vms, "the victim owns no VM; the ring is broken"
+
+    victim.signal(signal.SIGSTOP)
+    async with Client.http(harness.urls(survivors), timeout=60) as via_survivors:
+        calls = [asyncio.create_task(via_survivors.stop_vm(v)) for v in victims_vms]
+        await asyncio.sleep(0.5)
+        assert not any(c.done() for c in calls), "the frozen owner answered"
+        victim.signal(signal.SIGKILL)
+        took = await harness.wait_until(
+            lambda: harness.rings_agree({n.uuid for n in survivors}), 10, "survivors' rings drop the victim"
+        )
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert all(r["state"] == "Stopped" for r in results)
+    assert took < harness.node_timeout, f"eviction took {took:.2f}s: the liveness signal was not used"
+    async with Client.http(harness.urls(survivors)) as c:
+        for v in victims_vms:
+            assert (await c.start_vm(v))["state"] == "Running"
+    await client.close()
+
+
+async def test_sigterm_leaves_within_a_heartbeat_and_loses_nothing(harness: ClusterHarness):
+    nodes = await harness.start_nodes(3)
+    uuids = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    client, vms = await setup_vms(harness, 30)
+    leaver, stayers = nodes[0], nodes[1:]
+    async with Client.http(harness.urls(stayers), timeout=60) as c:
+        calls = [asyncio.create_task(c.reboot_vm(v)) for v in vms]
+        await asyncio.sleep(0.05)
+        leaver.signal(signal.SIGTERM)
+        took = await harness.wait_until(
+            lambda: harness.rings_agree({n.uuid for n in stayers}), 10, "peers see the leaver go"
+        )
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert all(r["state"] == "Running" for r in results)
+    assert took <= 2 * harness.heartbeat + 1
+    leaver.popen.wait(timeout=30)
+    assert leaver.popen.returncode == 0
+    await client.close()
+
+
+async def test_short_sigstop_is_not_evicted_long_one_is_and_never_serves_again(harness: ClusterHarness):
+    nodes = await harness.start_nodes(3)
+    uuids = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    client, vms = await setup_vms(harness, 20)
+    frozen = nodes[1]
+
+    frozen.signal(signal.SIGSTOP)
+    await asyncio.sleep(harness.node_timeout * 0.4)
+    frozen.signal(signal.SIGCONT)
+    await asyncio.sleep(harness.heartbeat * 3)
+    assert await harness.rings_agree(uuids), "a short freeze caused an eviction"
+
+    old_uuid = frozen.uuid
+    frozen.signal(signal.SIGSTOP)
+    others = {n.uuid for n in nodes if n is not frozen}
+    await harness.wait_until(lambda: harness.rings_agree(others), harness.node_timeout * 3, "frozen node evicted")
+    frozen.signal(signal.SIGCONT)
+    await harness.wait_until(lambda: _rejoined(harness, frozen, old_uuid), 30, "rejoin under a new uuid")
+    async with Client.http(harness.urls(), timeout=60) as c:
+        for v in vms:
+            await c.stop_vm(v)
+            await c.start_vm(v)
+    report = await harness.status()
+    assert old_uuid not in {n["uuid"] for n in report["nodes"]}
+    assert await _op_nodes(harness, vms) <= {n["uuid"] for n in report["nodes"]}
+    await client.close()
+
+
+async def _rejoined(harness: ClusterHarness, proc, old_uuid: str) -> bool:
+    try:
+        now = await harness.current_uuid(proc)
+    except Exception:
+        return False
+    return now != old_uuid and await harness.rings_agree({n["uuid"] for n in (await harness.status())["nodes"]})
+
+
+async def _op_nodes(harness: ClusterHarness, vms: list[str]) -> set[str]:
+    from sqlalchemy import select
+
+    from zstack_mn.db.engine import Database
+    from zstack_mn.db.models import VmInstance
+
+    db = Database(harness.database_url)
+    try:
+        async with db.begin() as conn:
+            t = VmInstance.__table__
+            rows = await conn.execute(select(t.c.op_node).where(t.c.uuid.in_(vms)))
+            return {r.op_node for r in rows}
+    finally:
+        await db.close()
+
+
+async def test_sigkill_during_slow_start_ends_in_the_agents_state(harness: ClusterHarness):
+    nodes = await harness.start_nodes(3)
+    uuids = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    client, vms = await setup_vms(harness, 12)
+    victim = nodes[0]
+    mine = owned(vms, uuids, victim.uuid)
+    assert mine
+    async with Client.http(harness.urls(nodes[1:]), timeout=60) as c:
+        for v in mine:
+            await c.stop_vm(v)
+        import httpx
+
+        async with httpx.AsyncClient() as http:
+            await http.put(f"{harness.agent.url}/admin/faults", json=[{"op": "start", "latency": 2.0}])
+        calls = [asyncio.create_task(c.start_vm(v)) for v in mine]
+        await asyncio.sleep(0.8)
+        victim.signal(signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+        async with httpx.AsyncClient() as http:
+            stats = (await http.get(f"{harness.agent.url}/admin/stats")).json()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert all(r["state"] == "Running" for r in results)
+    assert all(stats["vms"][v]["state"] == "Running" for v in mine)
+    assert max(stats["effects"].values()) == 1, "an operation was applied twice on the agent"
+    await client.close()
