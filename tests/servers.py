@@ -87,3 +87,16 @@ async def drop_database(name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+def pg_cluster() -> tuple[str, str]:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    return version, "main"
+
+
+def pg_ctl(action: str, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    version, name = pg_cluster()
+    return subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, action, *extra],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )

@@ -180,3 +180,137 @@ async def test_sigkill_during_slow_start_ends_in_the_agents_state(harness: Clust
     assert all(stats["vms"][v]["state"] == "Running" for v in mine)
     assert max(stats["effects"].values()) == 1, "an operation was applied twice on the agent"
     await client.close()
+
+
+async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: ClusterHarness):
+    from tests import servers
+
+    nodes = await harness.start_nodes(3)
+    uuids = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    client, vms = await setup_vms(harness, 6)
+    outage = harness.node_timeout * 2
+    try:
+        assert servers.pg_ctl("stop", "-m", "immediate").returncode == 0
+        await asyncio.sleep(0.5)
+        async with Client.http(harness.urls(), timeout=5) as c:
+            with pytest.raises(Exception) as during:
+                await c.stop_vm(vms[0])
+        await asyncio.sleep(outage)
+    finally:
+        servers.pg_ctl("start")
+    assert getattr(during.value, "retryable", True), f"not a retryable error: {during.value!r}"
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 30, "rings agree again with the same nodes")
+    assert all(n.alive for n in nodes), "a node exited during the outage"
+    for n in nodes:
+        assert await harness.current_uuid(n) == n.uuid, "a node was evicted and rejoined"
+    async with Client.http(harness.urls(), timeout=30) as c:
+        for v in vms:
+            assert (await c.reboot_vm(v))["state"] == "Running"
+    await client.close()
+
+
+async def test_thousand_concurrent_creates_never_oversubscribe(harness: ClusterHarness):
+    from zstack_mn.messages import ErrorCode, ZStackError
+
+    await harness.start_nodes(3)
+    agent = await harness.start_agent(cpu=20, memory="64G")
+    hosts = 10
+    async with Client.http(harness.urls(), timeout=120) as c:
+        for i in range(hosts):
+            await c.add_host(f"small{i}", f"{agent}/hosts/s{i}")
+        clients = [Client.http([u], timeout=120) for u in harness.urls()]
+        sem = asyncio.Semaphore(64)
+
+        async def create(i: int) -> dict | ZStackError:
+            async with sem:
+                try:
+                    return await clients[i % 3].create_vm(f"c{i}", cpu_num=1, memory_size="256M")
+                except ZStackError as exc:
+                    return exc
+
+        results = await asyncio.gather(*(create(i) for i in range(1000)))
+        for cl in clients:
+            await cl.close()
+        errors = [r for r in results if isinstance(r, ZStackError)]
+        created = [r for r in results if not isinstance(r, ZStackError)]
+        assert {e.code for e in errors} <= {ErrorCode.NO_CAPACITY}, {e.description for e in errors}
+        assert len(created) == hosts * 20
+        assert all(r["state"] == "Running" for r in created)
+        page = await c.query_hosts(limit=100)
+        for h in page["inventories"]:
+            assert h["availableCpuCapacity"] == 0
+        per_host: dict[str, int] = {}
+        for r in created:
+            per_host[r["hostUuid"]] = per_host.get(r["hostUuid"], 0) + 1
+        assert max(per_host.values()) <= 20
+
+
+PLUGIN_MODULE = '''
+from typing import ClassVar
+from zstack_mn.messages import Message, ResourceUuid
+from zstack_mn.services.base import Service, handles
+
+
+class BumpCounterMsg(Message):
+    SERVICE: ClassVar[str] = "counter"
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    uuid: ResourceUuid
+
+
+class CounterService(Service):
+    name = "counter"
+
+    @handles(BumpCounterMsg)
+    async def bump(self, msg, req):
+        return {"uuid": msg.uuid, "node": self.ctx.node_uuid}
+'''
+
+
+def install_plugin(where: Path) -> Path:
+    """A real distribution on a path entry: module + dist-info with a zstack_mn.services entry point."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "zstack_counter_plugin.py").write_text(PLUGIN_MODULE)
+    info = where / "zstack_counter_plugin-0.1.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: zstack-counter-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[zstack_mn.services]\ncounter = zstack_counter_plugin:CounterService\n")
+    return where
+
+
+async def test_plugin_service_is_routed_across_nodes(harness: ClusterHarness, tmp_path: Path, amqp_url: str):
+    import os
+    import sys
+
+    from zstack_mn.bus.amqp import AmqpTransport
+    from zstack_mn.bus.cloudbus import CloudBus
+    from zstack_mn.bus.topology import Topology
+    from zstack_mn.cluster.ring import LiveRing
+
+    site = install_plugin(tmp_path / "site")
+    harness.extra_env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    nodes = await harness.start_nodes(3)
+    uuids = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    sys.path.insert(0, str(site))
+    try:
+        import zstack_counter_plugin  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(site))
+    topology = Topology(harness.queue_prefix)
+    transport = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name="plugin-test")
+    await transport.start()
+    me = str(uuid.uuid4())
+    bus = CloudBus(me, transport, topology, ring=LiveRing(me, uuids))
+    await bus.start()
+    try:
+        ring = HashRing(uuids)
+        handled: dict[str, int] = {}
+        for _ in range(60):
+            res = str(uuid.uuid4())
+            reply = await bus.call(zstack_counter_plugin.BumpCounterMsg(uuid=res), timeout=10)
+            assert reply["node"] == ring.owner_of(res)
+            handled[reply["node"]] = handled.get(reply["node"], 0) + 1
+        assert set(handled) == uuids
+    finally:
+        await bus.close()

@@ -148,9 +148,10 @@ class VmInstanceService(Service):
         op = s.OPERATIONS[name]
         op_id = req.envelope.id
         vm = await self._load(uuid)
-        if vm.op_id == op_id and vm.state != op.transient:
+        resuming = vm.op_id == op_id and vm.state == op.transient
+        if vm.op_id == op_id and vm.state == op.final:
             return vm_inventory(vm).to_wire()
-        if vm.op_id != op_id:
+        if not resuming:
             vm = await self._begin(vm, name, req, target)
         await self.wait_unfenced(req)
         host_uuid = vm.host_uuid

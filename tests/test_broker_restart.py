@@ -1,0 +1,67 @@
+"""RabbitMQ restart (``rabbitmqctl stop_app`` / ``start_app``): pending calls fail at once with a
+retryable error, no publish hangs past its timeout, and every consumer comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from tests import servers
+from tests.test_bus import EchoMsg, EchoService
+from zstack_mn.bus.amqp import AmqpTransport
+from zstack_mn.bus.cloudbus import CloudBus
+from zstack_mn.bus.topology import Topology
+from zstack_mn.cluster.ring import LiveRing
+from zstack_mn.messages import ErrorCode, ZStackError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+async def test_consumers_come_back_after_a_broker_restart(amqp_url: str):
+    topology = Topology(f"r{uuid.uuid4().hex[:8]}")
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    buses = []
+    for node in (a, b):
+        t = AmqpTransport(amqp_url, topology, publish_timeout=2, connection_name=f"restart-{node[:8]}")
+        await t.start()
+        bus = CloudBus(node, t, topology, ring=LiveRing(node, [b]))
+        await bus.start()
+        await bus.serve("echo", EchoService(node))
+        buses.append(bus)
+    caller = buses[0]
+    try:
+        assert (await caller.call(EchoMsg(uuid=str(uuid.uuid4()), text="before"), timeout=5))["node"] == b
+        slow = asyncio.create_task(caller.call(EchoMsg(uuid=str(uuid.uuid4()), delay=5), timeout=30))
+        await asyncio.sleep(0.3)
+        assert servers.rabbitmqctl("stop_app").returncode == 0
+        started = time.monotonic()
+        with pytest.raises(ZStackError) as err:
+            await asyncio.wait_for(slow, 10)
+        assert err.value.code is ErrorCode.BUS_UNAVAILABLE and err.value.retryable
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        with pytest.raises(ZStackError) as err:
+            await caller.call(EchoMsg(uuid=str(uuid.uuid4())), timeout=20)
+        assert err.value.code in (ErrorCode.BUS_UNAVAILABLE, ErrorCode.TIMEOUT)
+        assert time.monotonic() - started < 20
+    finally:
+        assert servers.rabbitmqctl("start_app").returncode == 0
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                reply = await caller.call(EchoMsg(uuid=str(uuid.uuid4()), text="after"), timeout=2)
+                break
+            except ZStackError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        assert reply == {"node": b, "text": "after"}
+        back_after = time.monotonic() - (deadline - 30)
+        assert back_after < 30
+    finally:
+        for bus in buses:
+            await bus.close()

@@ -1,0 +1,56 @@
+"""Settings: defaults are the embedded mode; a bad value is one clear line naming the setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zstack_mn.config import ConfigError, load_settings
+
+
+def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch):
+    for key in ("ZSTACK_MN_BROKER_URL", "ZSTACK_MN_DATABASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    s = load_settings()
+    assert s.is_embedded and s.run_embedded_agent
+    assert s.database_url.startswith("sqlite+aiosqlite:///")
+    assert (s.http_host, s.http_port, s.heartbeat_interval, s.node_timeout) == ("127.0.0.1", 8080, 2.0, 10.0)
+    assert s.fence_after_s == 5.0
+
+
+def test_environment_file_and_flags_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ZSTACK_MN_HTTP_PORT", "9001")
+    assert load_settings().http_port == 9001
+    cfg = tmp_path / "mn.toml"
+    cfg.write_text("http_port = 9002\nqueue_prefix = 'blue'\n")
+    assert load_settings(cfg).http_port == 9002
+    assert load_settings(cfg, {"http_port": 9003}).http_port == 9003
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"ZSTACK_MN_HTTP_PORT": "eighty"}, "http_port"),
+        ({"ZSTACK_MN_HEARTBEAT_INTERVAL": "-1"}, "heartbeat_interval"),
+        ({"ZSTACK_MN_HEARTBEAT_INTERVAL": "20", "ZSTACK_MN_NODE_TIMEOUT": "10"}, "heartbeat_interval"),
+    ],
+)
+def test_bad_value_names_the_setting(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], names: str):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=names):
+        load_settings()
+
+
+def test_cli_start_with_a_bad_setting_exits_2_with_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "zstack_mn", "start"],
+        env={"ZSTACK_MN_HTTP_PORT": "99999", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "http_port" in lines[0] and "Traceback" not in proc.stderr

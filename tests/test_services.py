@@ -1,0 +1,188 @@
+"""Host and VM services on an embedded node (the behaviour; the cluster tests repeat what matters
+on RabbitMQ and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from tests.embedded import embedded_node
+from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.client import Client
+from zstack_mn.db.models import Host, VmInstance
+from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.messages.vm import StartVmInstanceMsg, StopVmInstanceMsg
+from zstack_mn.node import Node
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    async with embedded_node(tmp_path) as n:
+        yield n
+
+
+@pytest.fixture
+async def client(node: Node) -> AsyncIterator[Client]:
+    async with Client.http(node.http_url, timeout=15) as c:
+        yield c
+
+
+def faults(node: Node, *items: AgentFault) -> None:
+    assert node.simulated_agent is not None
+    node.simulated_agent.faults = list(items)
+
+
+async def count(node: Node, table, **where) -> int:
+    assert node.db is not None
+    async with node.db.begin() as conn:
+        stmt = select(func.count()).select_from(table)
+        for k, v in where.items():
+            stmt = stmt.where(getattr(table.c, k) == v)
+        return int((await conn.execute(stmt)).scalar_one())
+
+
+async def test_vm_lifecycle_and_invalid_transitions(node: Node, client: Client):
+    vm = await client.create_vm("web1", cpu_num=2, memory_size="1G")
+    assert vm["state"] == "Running" and vm["memorySize"] == 1 << 30
+    with pytest.raises(ZStackError) as err:
+        await client.start_vm(vm["uuid"])
+    assert err.value.code is ErrorCode.INVALID_STATE and "Running" in err.value.description
+    assert (await client.stop_vm(vm["uuid"]))["state"] == "Stopped"
+    with pytest.raises(ZStackError) as err:
+        await client.reboot_vm(vm["uuid"])
+    assert err.value.code is ErrorCode.INVALID_STATE
+    assert (await client.start_vm(vm["uuid"]))["state"] == "Running"
+    assert (await client.reboot_vm(vm["uuid"]))["state"] == "Running"
+    destroyed = await client.destroy_vm(vm["uuid"])
+    assert destroyed["state"] == "Destroyed" and destroyed.get("hostUuid") is None
+    host = (await client.query_hosts())["inventories"][0]
+    assert host["availableCpuCapacity"] == host["totalCpuCapacity"]
+
+
+async def test_unknown_uuid_is_not_found(client: Client):
+    with pytest.raises(ZStackError) as err:
+        await client.stop_vm("6f1c7d0e-5ad4-4f3e-8b3a-1e0b7e6e1c11")
+    assert err.value.code is ErrorCode.RESOURCE_NOT_FOUND
+
+
+async def test_agent_error_gives_the_capacity_back(node: Node, client: Client):
+    faults(node, AgentFault(op="start", fail=True))
+    with pytest.raises(ZStackError) as err:
+        await client.create_vm("doomed", cpu_num=4, memory_size="2G")
+    assert err.value.code is ErrorCode.AGENT_ERROR
+    host = (await client.query_hosts())["inventories"][0]
+    assert host["availableCpuCapacity"] == host["totalCpuCapacity"]
+    vms = (await client.query_vms(name="doomed"))["inventories"]
+    assert [v["state"] for v in vms] == ["Stopped"]
+
+
+async def test_agent_timeout_is_a_clear_error_and_the_vm_settles(node: Node, client: Client):
+    assert node.bus is not None and node.simulated_agent is not None
+    vm = await client.create_vm("slow", cpu_num=1, memory_size="128M")
+    faults(node, AgentFault(op="stop", latency=1.5))
+    with pytest.raises(ZStackError) as err:
+        await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="slow-stop-1")
+    assert err.value.code is ErrorCode.AGENT_TIMEOUT and err.value.retryable
+    assert (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]["state"] in ("Running", "Unknown")
+    faults(node)
+    retried = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="slow-stop-1")
+    assert retried["state"] == "Stopped"
+    assert node.simulated_agent.effects["slow-stop-1"] == 1
+
+
+async def test_same_message_id_is_applied_once(node: Node, client: Client):
+    assert node.bus is not None and node.simulated_agent is not None
+    vm = await client.create_vm("dup", cpu_num=1, memory_size="128M")
+    await client.stop_vm(vm["uuid"])
+    msg_id = "start-once-0001"
+    first, second = await asyncio.gather(
+        node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id),
+        node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id + "-retry"),
+        return_exceptions=True,
+    )
+    assert isinstance(first, dict) and first["state"] == "Running"
+    assert isinstance(second, ZStackError) and second.code is ErrorCode.INVALID_STATE
+    again = await node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id)
+    assert again["state"] == "Running"
+    assert node.simulated_agent.effects[msg_id] == 1
+
+
+async def test_idempotency_key_returns_the_first_result(node: Node, client: Client):
+    assert node.simulated_agent is not None
+    first = await client.create_vm("keyed", cpu_num=1, memory_size="64M", key="create-keyed-1")
+    await client.stop_vm(first["uuid"])
+    again = await client.create_vm("keyed", cpu_num=1, memory_size="64M", key="create-keyed-1")
+    assert again == first
+    assert len((await client.query_vms(name="keyed"))["inventories"]) == 1
+
+
+async def test_delete_host_refused_while_vms_live(client: Client):
+    vm = await client.create_vm("pin", cpu_num=1, memory_size="64M")
+    with pytest.raises(ZStackError) as err:
+        await client.send(__import__("zstack_mn.messages.api", fromlist=["x"]).APIDeleteHostMsg(uuid=vm["hostUuid"]))
+    assert err.value.code is ErrorCode.HOST_IN_USE
+
+
+async def test_unreachable_agent_disconnects_host_and_vms_come_back(node: Node, client: Client):
+    vm = await client.create_vm("tracked", cpu_num=1, memory_size="64M")
+    faults(node, AgentFault(op="ping", down=True))
+
+    async def state_of(kind: str) -> str:
+        if kind == "host":
+            return (await client.query_hosts())["inventories"][0]["status"]
+        return (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]["state"]
+
+    async def until(kind: str, value: str) -> None:
+        for _ in range(100):
+            if await state_of(kind) == value:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{kind} never became {value}")
+
+    await until("host", "Disconnected")
+    await until("vm", "Unknown")
+    faults(node)
+    await until("host", "Connected")
+    await until("vm", "Running")
+
+
+async def test_stop_of_a_vm_on_a_missing_host_is_clean(node: Node, client: Client):
+    assert node.bus is not None
+    vm = await client.create_vm("x", cpu_num=1, memory_size="64M")
+    reply = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]))
+    assert reply["state"] == "Stopped"
+    assert await count(node, VmInstance.__table__, state="Stopped") == 1
+    assert await count(node, Host.__table__) == 1
+
+
+async def test_http_errors_name_the_field_and_write_nothing(node: Node):
+    async with httpx.AsyncClient(base_url=node.http_url) as http:
+        cases = [
+            ("POST", "/v1/vm-instances", {"params": {"name": "a", "cpuNum": 1, "memorySize": -1}}, 400, "memorySize"),
+            ("POST", "/v1/vm-instances", {"params": {"name": "a", "cpuNum": "two", "memorySize": 1}}, 400, "cpuNum"),
+            ("POST", "/v1/vm-instances", {"params": {"cpuNum": 1, "memorySize": 1}}, 400, "name"),
+            ("POST", "/v1/vm-instances", {"params": {"name": "a", "cpuNum": 1, "memorySize": 1, "x": 1}}, 400, "x"),
+            ("PUT", "/v1/vm-instances/not-a-uuid/actions", {"startVmInstance": {}}, 400, "uuid"),
+            ("PUT", "/v1/vm-instances/6f1c7d0e-5ad4-4f3e-8b3a-1e0b7e6e1c11/actions", {"fly": {}}, 400, "fly"),
+            ("PUT", "/v1/vm-instances/6f1c7d0e-5ad4-4f3e-8b3a-1e0b7e6e1c11/actions", {"startVmInstance": {}}, 404, ""),
+            ("GET", "/v1/vm-instances?limit=0", None, 400, "limit"),
+            ("POST", "/v1/hosts", {"params": {"name": "h", "agentUrl": "ftp://x"}}, 400, "agentUrl"),
+        ]
+        for method, path, body, status, field in cases:
+            resp = await http.request(method, path, json=body)
+            assert resp.status_code == status, (path, body, resp.text)
+            err = resp.json()["error"]
+            assert err["code"] and err["description"]
+            assert field in err["description"] or field in str(err["details"]), (field, err)
+        big = await http.post("/v1/vm-instances", content=b"{" + b" " * (70 * 1024) + b"}",
+                               headers={"content-type": "application/json"})
+        assert big.status_code == 413
+    assert await count(node, VmInstance.__table__) == 0
+    assert (await httpx.AsyncClient().get(node.http_url + "/readyz")).json()["ready"] is True
