@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from tests import servers
+from zstack_mn.testing import servers
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.memory import MemoryBroker, MemoryTransport
 from zstack_mn.bus.topology import Topology

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests import servers
+from zstack_mn.testing import servers
 from tests.test_bus import EchoMsg, EchoService
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.cloudbus import CloudBus

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import ClusterHarness
+from zstack_mn.testing.cluster import ClusterHarness
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 
@@ -183,7 +183,7 @@ async def test_sigkill_during_slow_start_ends_in_the_agents_state(harness: Clust
 
 
 async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: ClusterHarness):
-    from tests import servers
+    from zstack_mn.testing import servers
 
     nodes = await harness.start_nodes(3)
     uuids = {n.uuid for n in nodes}

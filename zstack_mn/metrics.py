@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
@@ -37,3 +39,17 @@ class NodeMetrics:
         self.rescued = Counter(
             "zstack_messages_rescued_total", "Messages re-routed from an evicted node", registry=self.registry
         )
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def observe_message(self, service: str, msg_type: str, outcome: str, seconds: float) -> None:
+        """Count one handled message and its latency (label children cached: this is the hot path)."""
+        key = (service, msg_type, outcome)
+        counter = self._children.get(key)
+        if counter is None:
+            counter = self._children[key] = self.messages.labels(service=service, type=msg_type, outcome=outcome)
+        hkey = (service, msg_type)
+        hist = self._children.get(hkey)
+        if hist is None:
+            hist = self._children[hkey] = self.latency.labels(service=service, type=msg_type)
+        counter.inc()
+        hist.observe(seconds)

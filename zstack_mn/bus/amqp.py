@@ -198,13 +198,10 @@ class AmqpTransport(Transport):
             reply_to=reply_to,
             expiration=None if ttl_ms is None else max(ttl_ms, 1) / 1000,
             content_type="application/json",
-            headers={"zstack-id": message_id},
         )
         try:
-            await asyncio.wait_for(
-                channel.default_exchange.publish(message, routing_key=queue, mandatory=mandatory),
-                self.publish_timeout,
-            )
+            async with asyncio.timeout(self.publish_timeout):
+                await channel.default_exchange.publish(message, routing_key=queue, mandatory=mandatory)
         except aiormq.exceptions.PublishError as exc:
             raise NoRouteError(queue) from exc
         except _DOWN_ERRORS as exc:

@@ -216,8 +216,9 @@ class CloudBus:
                 ) from None
         self._pending[corr] = _Pending(future)
         try:
-            await self._route(env, deadline)
-            return await asyncio.wait_for(future, max(deadline - time.monotonic(), 0))
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                await self._route(env, deadline)
+                return await future
         except TimeoutError:
             raise ZStackError(
                 ErrorCode.TIMEOUT, f"no reply to {msg.type_name} within {timeout:g}s", messageId=env.id
@@ -366,8 +367,7 @@ class CloudBus:
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle.set()
-            self.metrics.messages.labels(service=service, type=env.type, outcome=outcome).inc()
-            self.metrics.latency.labels(service=service, type=env.type).observe(time.monotonic() - started)
+            self.metrics.observe_message(service, env.type, outcome, time.monotonic() - started)
             return reply
 
     async def wait_idle(self, timeout: float) -> bool:

@@ -1,0 +1,123 @@
+"""Every API over both client transports (HTTP with fail-over, AMQP via api.portal) against three
+real nodes on RabbitMQ and PostgreSQL; poison bytes on the API queue and a service queue."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from zstack_mn.testing.cluster import ClusterHarness
+from zstack_mn.bus.amqp import AmqpTransport
+from zstack_mn.bus.topology import Topology
+from zstack_mn.bus.transport import Delivery, QueueKind
+from zstack_mn.client import Client
+from zstack_mn.messages import ErrorCode, ZStackError, decode
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, amqp_url: str, pg_database: str) -> AsyncIterator[ClusterHarness]:
+    h = ClusterHarness(tmp_path, amqp_url=amqp_url, database_url=pg_database, queue_prefix=f"a{uuid.uuid4().hex[:8]}")
+    try:
+        nodes = await h.start_nodes(3)
+        await h.wait_until(lambda: h.rings_agree({n.uuid for n in nodes}), 10, "rings agree")
+        await h.start_agent()
+        yield h
+    finally:
+        await h.close()
+
+
+async def exercise_every_api(client: Client, agent: str, tag: str) -> set[str]:
+    handled: set[str] = set()
+    h1 = await client.add_host(f"{tag}-h1", f"{agent}/hosts/{tag}-1")
+    h2 = await client.add_host(f"{tag}-h2", f"{agent}/hosts/{tag}-2")
+    assert h1["status"] == "Connected" and h1["totalCpuCapacity"] == 64
+    vms = [await client.create_vm(f"{tag}-vm{i}", cpu_num=1, memory_size="256M", host_uuid=h1["uuid"]) for i in range(6)]
+    for vm in vms:
+        assert vm["state"] == "Running" and vm["hostUuid"] == h1["uuid"]
+        assert (await client.stop_vm(vm["uuid"]))["state"] == "Stopped"
+        handled.add(client.last_handled_by or "")
+        assert (await client.start_vm(vm["uuid"]))["state"] == "Running"
+        assert (await client.reboot_vm(vm["uuid"]))["state"] == "Running"
+        moved = await client.migrate_vm(vm["uuid"], h2["uuid"])
+        assert moved["hostUuid"] == h2["uuid"] and moved["lastHostUuid"] == h1["uuid"]
+    with pytest.raises(ZStackError) as err:
+        await client.send(__import__("zstack_mn.messages.api", fromlist=["x"]).APIDeleteHostMsg(uuid=h2["uuid"]))
+    assert err.value.code is ErrorCode.HOST_IN_USE
+    for vm in vms:
+        assert (await client.destroy_vm(vm["uuid"]))["state"] == "Destroyed"
+    disabled = await client.send(
+        __import__("zstack_mn.messages.api", fromlist=["x"]).APIChangeHostStateMsg(uuid=h1["uuid"], state_event="disable")
+    )
+    assert disabled["inventory"]["state"] == "Disabled"
+    with pytest.raises(ZStackError) as err:
+        await client.create_vm(f"{tag}-nope", cpu_num=1, memory_size="1M", host_uuid=h1["uuid"])
+    assert err.value.code is ErrorCode.NO_CAPACITY
+    reconnected = await client.send(__import__("zstack_mn.messages.api", fromlist=["x"]).APIReconnectHostMsg(uuid=h1["uuid"]))
+    assert reconnected["inventory"]["status"] == "Connected"
+    page = await client.query_vms(name=f"{tag}-vm0")
+    assert page["total"] == 1 and page["inventories"][0]["state"] == "Destroyed"
+    nodes = await client.management_nodes()
+    assert nodes["total"] == 3
+    assert abs(sum(n["ringShare"] for n in nodes["inventories"]) - 1.0) < 0.01
+    return handled
+
+
+async def test_every_api_over_http_with_several_urls(cluster: ClusterHarness):
+    assert cluster.agent is not None
+    async with Client.http(cluster.urls()) as client:
+        handled = await exercise_every_api(client, cluster.agent.url, "http")
+    assert len(handled) >= 2, "every VM was handled by one node: the ring does not spread work"
+
+
+async def test_every_api_over_amqp(cluster: ClusterHarness):
+    assert cluster.agent is not None
+    client = await Client.amqp(cluster.amqp_url, cluster.queue_prefix)
+    try:
+        handled = await exercise_every_api(client, cluster.agent.url, "amqp")
+    finally:
+        await client.close()
+    assert len(handled) >= 2
+
+
+async def test_http_client_fails_over_to_a_live_node(cluster: ClusterHarness):
+    dead = "http://127.0.0.1:1"
+    async with Client.http([dead, *cluster.urls()]) as client:
+        assert (await client.management_nodes())["total"] == 3
+
+
+async def test_poison_on_the_api_and_a_service_queue(cluster: ClusterHarness):
+    topology = Topology(cluster.queue_prefix)
+    t = AmqpTransport(cluster.amqp_url, topology, publish_timeout=5, connection_name="poison")
+    await t.start()
+    replies: asyncio.Queue[Delivery] = asyncio.Queue()
+    reply_q = topology.reply_queue(f"poison-{uuid.uuid4()}")
+    await t.declare(reply_q, QueueKind.PRIVATE)
+    await t.consume(reply_q, replies.put, prefetch=10)
+    node = cluster.nodes[0].uuid
+    try:
+        bodies = [b"\xff\xfe not json", b'{"id": "1", "type": "APINoSuchMsg", "service": "api"}',
+                  b'{"id": "2", "type": "APIStartVmInstanceMsg", "service": "api", "body": {"uuid": 7}}',
+                  b"{" + b" " * (2 << 20) + b"}"]
+        for queue in (topology.api_queue, topology.service_queue("vmInstance", node)):
+            for i, body in enumerate(bodies):
+                corr = f"{queue}-{i}"
+                await t.publish(queue, body, message_id=corr, correlation_id=corr, reply_to=reply_q)
+                reply = decode((await asyncio.wait_for(replies.get(), 10)).body, 1 << 20)
+                assert reply.ok is False and reply.error is not None and reply.correlation_id == corr
+        dead = 0
+        while (got := await t.take(topology.dead_letter_queue)) is not None:
+            await got[1]()
+            dead += 1
+        assert dead == 2 * len(bodies)
+    finally:
+        await t.close()
+    async with httpx.AsyncClient() as http:
+        for n in cluster.nodes:
+            assert (await http.get(n.url + "/readyz")).json()["ready"] is True
