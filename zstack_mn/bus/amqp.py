@@ -56,10 +56,12 @@ class AmqpTransport(Transport):
         self.connection_name = connection_name
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
+        self._event_channel: AbstractChannel | None = None
         self._queues: dict[str, AbstractQueue] = {}
         self._consumer_channels: dict[str, AbstractChannel] = {}
         self._consumer_tags: dict[str, str] = {}
         self._kinds: dict[str, QueueKind] = {}
+        self._exchanges: dict[str, Any] = {}
 
     @property
     def connected(self) -> bool:
@@ -79,6 +81,7 @@ class AmqpTransport(Transport):
         self._connection.close_callbacks.add(self._closed)
         self._connection.reconnect_callbacks.add(self._reconnected)
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._event_channel = await self._connection.channel(publisher_confirms=False)
         await self._declare_dead_letters()
 
     def _closed(self, *_: Any) -> None:
@@ -97,6 +100,7 @@ class AmqpTransport(Transport):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), self.publish_timeout)
         self._queues.clear()
+        self._exchanges.clear()
         self._consumer_channels.clear()
         self._consumer_tags.clear()
 
@@ -208,17 +212,18 @@ class AmqpTransport(Transport):
             raise TransportDown(f"publish to {queue} failed: {type(exc).__name__} {exc}") from exc
 
     async def publish_event(self, exchange: str, topic: str, body: bytes, *, message_id: str) -> None:
-        channel = self._publish_channel
+        """Events go on a channel without publisher confirms: they are notifications (lifecycle
+        changes are also reconciled from the table), so a lost one costs a delay, not safety."""
+        channel = self._event_channel
         if channel is None:
             raise TransportDown("transport is not started")
         try:
-            ex = await asyncio.wait_for(
-                channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True), self.publish_timeout
-            )
-            await asyncio.wait_for(
-                ex.publish(aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=topic, mandatory=False),
-                self.publish_timeout,
-            )
+            async with asyncio.timeout(self.publish_timeout):
+                ex = self._exchanges.get(exchange)
+                if ex is None:
+                    ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+                    self._exchanges[exchange] = ex
+                await ex.publish(aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=topic, mandatory=False)
         except _DOWN_ERRORS as exc:
             raise TransportDown(f"event publish failed: {type(exc).__name__} {exc}") from exc
 

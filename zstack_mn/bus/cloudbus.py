@@ -108,6 +108,7 @@ class CloudBus:
         self._subscribers: list[tuple[str, EventHandler]] = []
         self._serving: list[str] = []
         self._local: dict[str, Dispatcher] = {}
+        self._local_tasks: set[asyncio.Future[Envelope]] = set()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -196,7 +197,11 @@ class CloudBus:
         msg_id: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> Envelope:
-        """Like ``call`` but returns the reply envelope (with ``handledBy``)."""
+        """Like ``call`` but returns the reply envelope (with ``handledBy``).
+
+        A message whose destination is this node (non-resource, or a resource this node owns)
+        runs in-process through the same dispatcher (chains, fencing, error replies): the sender
+        is the receiver, so it is surely alive, and a crash takes the caller with it."""
         timeout = self.limits.call_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         env = Envelope.request(msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=msg_id, headers=headers)
@@ -205,11 +210,16 @@ class CloudBus:
         assert corr is not None
         if corr in self._pending:
             raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"a call with id {corr} is already waiting")
-        local = self._local.get(env.service) if env.resource_uuid is None else None
+        local = self._local.get(env.service)
+        if local is not None and env.resource_uuid is not None and self._owner_or_none(env.resource_uuid) != self.node_uuid:
+            local = None
         if local is not None:
-            request = Request(env, msg, deadline)
+            task = asyncio.ensure_future(self._handle(env.service, local, Request(env, msg, deadline)))
+            self._local_tasks.add(task)
+            task.add_done_callback(self._local_tasks.discard)
             try:
-                return await asyncio.wait_for(self._handle(env.service, local, request), timeout)
+                async with asyncio.timeout(timeout):
+                    return await asyncio.shield(task)
             except TimeoutError:
                 raise ZStackError(
                     ErrorCode.TIMEOUT, f"no reply to {msg.type_name} within {timeout:g}s", messageId=env.id

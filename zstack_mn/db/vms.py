@@ -8,10 +8,11 @@ from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
-from zstack_mn.db.models import VmInstance
+from zstack_mn.db.models import Host, VmInstance
 from zstack_mn.messages.inventory import VmInventory
 
 VM = VmInstance.__table__
+HOST = Host.__table__
 
 
 def vm_inventory(row: Any) -> VmInventory:
@@ -45,14 +46,22 @@ class VmRepository:
         return (await conn.execute(select(VM).where(VM.c.uuid == uuid))).first()
 
     @staticmethod
-    async def cas(conn: AsyncConnection, uuid: str, version: int, **values: Any) -> bool:
-        """Apply ``values`` only if the row is still at ``version``; bumps the version."""
+    async def cas(conn: AsyncConnection, uuid: str, version: int, **values: Any) -> Any | None:
+        """Apply ``values`` only if the row is still at ``version`` (bumping it); the new row, or
+        None when someone else changed it first."""
         result = await conn.execute(
             update(VM)
             .where(VM.c.uuid == uuid, VM.c.version == version)
             .values(**values, version=version + 1, updated_at=func.now())
+            .returning(*VM.c)
         )
-        return result.rowcount == 1
+        return result.first()
+
+    async def get_with_agent(self, uuid: str) -> Any | None:
+        """The VM row plus ``agent_url`` of the host it is on (None without a host)."""
+        async with self.db.begin() as conn:
+            stmt = select(VM, HOST.c.agent_url).outerjoin(HOST, HOST.c.uuid == VM.c.host_uuid).where(VM.c.uuid == uuid)
+            return (await conn.execute(stmt)).first()
 
     async def in_states(self, states: tuple[str, ...], after: str, limit: int) -> list[Any]:
         async with self.db.begin() as conn:

@@ -66,12 +66,6 @@ class VmInstanceService(Service):
     def on_ring_changed(self) -> None:
         self._wake.set()
 
-    async def _load(self, uuid: str) -> Any:
-        row = await self.vms.get(uuid)
-        if row is None:
-            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
-        return row
-
     async def _event(self, uuid: str, old: str | None, new: str, host: str | None) -> None:
         if old != new:
             await self.bus.publish(VmStateChangedEvent(vm_uuid=uuid, old_state=old, new_state=new, host_uuid=host))
@@ -147,21 +141,26 @@ class VmInstanceService(Service):
     async def _operate(self, uuid: str, name: str, req: Request, target: str | None = None) -> dict[str, Any]:
         op = s.OPERATIONS[name]
         op_id = req.envelope.id
-        vm = await self._load(uuid)
+        loaded = await self.vms.get_with_agent(uuid)
+        if loaded is None:
+            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
+        vm, agent_url = loaded, loaded.agent_url
         resuming = vm.op_id == op_id and vm.state == op.transient
         if vm.op_id == op_id and vm.state == op.final:
             return vm_inventory(vm).to_wire()
         if not resuming:
+            before = vm.host_uuid
             vm = await self._begin(vm, name, req, target)
+            if vm.host_uuid != before:
+                host = await self.hosts.get(vm.host_uuid) if vm.host_uuid else None
+                agent_url = host.agent_url if host is not None else None
         await self.wait_unfenced(req)
-        host_uuid = vm.host_uuid
-        host = await self.hosts.get(host_uuid) if host_uuid else None
-        if host is None:
+        if vm.host_uuid is None or agent_url is None:
             return await self._finish(vm, op, None)
         target_id = vm.target_host_uuid
         try:
             await self.ctx.agents.vm_op(
-                host.agent_url,
+                agent_url,
                 uuid,
                 op.agent_op,
                 VmOp(op_id=op_id, cpu_num=vm.cpu_num, memory_size=vm.memory_size, target_host_id=target_id),
@@ -197,9 +196,9 @@ class VmInstanceService(Service):
             if candidates:
                 chosen = await self._reserve_any(conn, candidates, vm.cpu_num, vm.memory_size)
                 values["target_host_uuid" if name == "migrate" else "host_uuid"] = chosen
-            if not await self.vms.cas(conn, vm.uuid, vm.version, **values):
+            fresh = await self.vms.cas(conn, vm.uuid, vm.version, **values)
+            if fresh is None:
                 raise ZStackError(ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} changed concurrently; retry")
-            fresh = await self.vms.get_in(conn, vm.uuid)
         await self._event(vm.uuid, vm.state, op.transient, fresh.host_uuid)
         return fresh
 
@@ -213,11 +212,11 @@ class VmInstanceService(Service):
             elif op.agent_op == "migrate" and target:
                 await self.hosts.release(conn, vm.host_uuid, vm.cpu_num, vm.memory_size)
                 values.update(host_uuid=target, last_host_uuid=vm.host_uuid, target_host_uuid=None)
-            if not await self.vms.cas(conn, vm.uuid, vm.version, **values):
+            fresh = await self.vms.cas(conn, vm.uuid, vm.version, **values)
+            if fresh is None:
                 current = await self.vms.get_in(conn, vm.uuid)
                 log.warning("vm changed while the operation ran; keeping its current state", vm=vm.uuid)
                 return vm_inventory(current).to_wire()
-            fresh = await self.vms.get_in(conn, vm.uuid)
         await self._event(vm.uuid, vm.state, op.final, fresh.host_uuid)
         return vm_inventory(fresh).to_wire()
 
@@ -260,7 +259,7 @@ class VmInstanceService(Service):
                 for held in {vm.host_uuid, vm.target_host_uuid} - {None}:
                     await self.hosts.release(conn, held, vm.cpu_num, vm.memory_size)
                 values.update(host_uuid=None, last_host_uuid=vm.host_uuid or vm.last_host_uuid)
-            if not await self.vms.cas(conn, vm.uuid, vm.version, **values):
+            if await self.vms.cas(conn, vm.uuid, vm.version, **values) is None:
                 return
         log.info("vm state reconciled with its agent", vm=vm.uuid, was=vm.state, now=state)
         await self._event(vm.uuid, vm.state, state, values.get("host_uuid"))
