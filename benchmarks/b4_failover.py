@@ -6,6 +6,7 @@ served again, and requests lost (no answer by the deadline) or hung (none by dea
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from typing import Any
@@ -16,6 +17,7 @@ from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ErrorCode, ZStackError
 
 FAULTS = {"SIGKILL": signal.SIGKILL, "SIGSTOP": signal.SIGSTOP, "SIGTERM": signal.SIGTERM}
+ONLY = [f for f in os.environ.get("ZSTACK_MN_BENCH_FAULTS", "").split(",") if f]
 WORKERS = 12
 CALL_DEADLINE = 30.0
 STEPS = len(FAULTS)
@@ -34,6 +36,7 @@ async def one_fault(url: str, prefix: str, name: str, sig: int) -> dict[str, Any
         client = Client.http(h.urls(), timeout=CALL_DEADLINE)
         served_after: dict[str, float] = {}
         stats = {"ok": 0, "failed": 0, "lost": 0, "hung": 0}
+        codes: dict[str, int] = {}
         stop = asyncio.Event()
         t0 = 0.0
 
@@ -52,6 +55,7 @@ async def one_fault(url: str, prefix: str, name: str, sig: int) -> dict[str, Any
                     stats["hung"] += 1
                 except ZStackError as exc:
                     stats["lost" if exc.code is ErrorCode.TIMEOUT else "failed"] += 1
+                    codes[f"{exc.code.name}: {exc.description[:80]}"] = codes.get(f"{exc.code.name}: {exc.description[:80]}", 0) + 1
                     if exc.code is ErrorCode.INVALID_STATE:
                         toggler.state[vm] = "Unknown-check"
                         inv = (await client.query_vms(uuid=vm))["inventories"][0]
@@ -83,12 +87,15 @@ async def one_fault(url: str, prefix: str, name: str, sig: int) -> dict[str, Any
         "failedCalls": stats["failed"],
         "lost": stats["lost"],
         "hung": stats["hung"],
+        "errorCodes": codes,
     }
 
 
 async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str, Any]:
     out = {}
     for name, sig in FAULTS.items():
+        if ONLY and name not in ONLY:
+            continue
         out[name] = await one_fault(url, f"{prefix}{name.lower()}", name, sig)
         progress.update(1)
     return out

@@ -186,3 +186,15 @@ async def test_http_errors_name_the_field_and_write_nothing(node: Node):
         assert big.status_code == 413
     assert await count(node, VmInstance.__table__) == 0
     assert (await httpx.AsyncClient().get(node.http_url + "/readyz")).json()["ready"] is True
+
+
+async def test_bearer_token_guards_the_api_but_not_health(tmp_path: Path):
+    async with embedded_node(tmp_path, api_token="s3cret") as n:
+        async with httpx.AsyncClient(base_url=n.http_url) as http:
+            denied = await http.get("/v1/vm-instances")
+            assert denied.status_code == 401 and denied.json()["error"]["code"] == "SYS.1005"
+            allowed = await http.get("/v1/vm-instances", headers={"Authorization": "Bearer s3cret"})
+            assert allowed.status_code == 200
+            assert (await http.get("/healthz")).status_code == 200
+            metrics = (await http.get("/metrics")).text
+            assert "zstack_messages_handled_total" in metrics and "zstack_heartbeat_age_seconds" in metrics

@@ -38,7 +38,8 @@ from zstack_mn.messages.api import (
 )
 from zstack_mn.services.api_portal import IDEMPOTENCY_HEADER
 
-RETRYABLE_HTTP = {502, 503, 504}
+RETRYABLE_HTTP = {500, 502, 503, 504}
+SUSPECT_FOR = 15.0
 
 
 class ApiTransport(ABC):
@@ -83,17 +84,22 @@ def _http_route(msg: Message) -> tuple[str, str, dict[str, Any] | None, dict[str
 
 
 class HttpTransport(ApiTransport):
-    """REST over several node URLs: a connection failure or a 502/503/504 moves to the next URL.
+    """REST over several node URLs: a connection failure, a retryable 5xx or an attempt that takes
+    longer than ``attempt_timeout`` (a frozen node) moves to the next URL, within ``timeout``.
 
     Retries reuse one Idempotency-Key, so a retry on another node is applied once."""
 
-    def __init__(self, urls: list[str], token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, urls: list[str], token: str | None = None, timeout: float = 30.0, attempt_timeout: float = 10.0
+    ) -> None:
         if not urls:
             raise ValueError("at least one node URL is needed")
+        self.attempt_timeout = attempt_timeout
         self.urls = [u.rstrip("/") for u in urls]
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(headers=headers, timeout=timeout)
         self._next = 0
+        self._suspect_until: dict[str, float] = {}
         self.last_handled_by: str | None = None
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
@@ -106,22 +112,24 @@ class HttpTransport(ApiTransport):
         delay = 0.05
         attempts = 0
         while asyncio.get_running_loop().time() < deadline and attempts < 4 * len(self.urls):
-            url = self.urls[self._next % len(self.urls)]
+            url = self._pick()
             attempts += 1
             try:
                 left = max(deadline - asyncio.get_running_loop().time(), 0.01)
-                resp = await self._http.request(method, url + path, json=body, params=query, headers=headers, timeout=left)
+                resp = await self._http.request(
+                    method, url + path, json=body, params=query, headers=headers, timeout=min(left, self.attempt_timeout)
+                )
             except httpx.HTTPError as exc:
                 last = ZStackError(ErrorCode.BUS_UNAVAILABLE, f"{url}: {type(exc).__name__}")
+                self._suspect_until[url] = asyncio.get_running_loop().time() + SUSPECT_FOR
                 self._next += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
             self.last_handled_by = resp.headers.get("X-Handled-By")
-            data = resp.json() if resp.content else {}
-            if resp.status_code < 400:
-                return data
-            err = ZStackError.from_info(ErrorInfo.model_validate(data.get("error", {"code": "SYS.1099", "description": resp.text[:200]})))
+            err = _error_of(resp)
+            if err is None:
+                return dict(resp.json())
             if resp.status_code in RETRYABLE_HTTP and err.retryable:
                 last = err
                 self._next += 1
@@ -131,8 +139,37 @@ class HttpTransport(ApiTransport):
             raise err
         raise last or ZStackError(ErrorCode.TIMEOUT, "no node answered in time")
 
+    def _pick(self) -> str:
+        """The next URL in turn that is not suspect (it refused or timed out within SUSPECT_FOR);
+        if every URL is suspect, the one whose suspicion ends first."""
+        now = asyncio.get_running_loop().time()
+        for i in range(len(self.urls)):
+            url = self.urls[(self._next + i) % len(self.urls)]
+            if self._suspect_until.get(url, 0.0) <= now:
+                self._next = (self._next + i) % len(self.urls)
+                return url
+        return min(self.urls, key=lambda u: self._suspect_until.get(u, 0.0))
+
     async def close(self) -> None:
         await self._http.aclose()
+
+
+def _error_of(resp: httpx.Response) -> ZStackError | None:
+    """None for a success; the error of a failure. A 5xx without our JSON body (the server was
+    stopping, a proxy answered) counts as a retryable BUS_UNAVAILABLE, so the client fails over."""
+    try:
+        data = resp.json() if resp.content else {}
+    except ValueError:
+        data = None
+    if resp.status_code < 400 and isinstance(data, dict):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        try:
+            return ZStackError.from_info(ErrorInfo.model_validate(data["error"]))
+        except ValueError:
+            pass
+    code = ErrorCode.BUS_UNAVAILABLE if resp.status_code >= 500 else ErrorCode.INTERNAL_ERROR
+    return ZStackError(code, f"HTTP {resp.status_code}: {resp.text[:200]}", status=resp.status_code)
 
 
 class AmqpApiTransport(ApiTransport):

@@ -43,6 +43,7 @@ class Settings(BaseSettings):
 
     call_timeout: float = Field(30.0, gt=0, le=3600)
     publish_timeout: float = Field(5.0, gt=0, le=120)
+    amqp_heartbeat: int = Field(5, ge=1, le=600)
     max_message_bytes: int = Field(1 << 20, ge=1024, le=(16 << 20) - 1024)
     prefetch: int = Field(64, ge=1, le=10_000)
     service_concurrency: int = Field(64, ge=1, le=100_000)

@@ -59,7 +59,10 @@ def make_transport(settings: Settings, topology: Topology, name: str) -> Transpo
     if settings.broker_url.startswith("memory://"):
         return MemoryTransport(settings.broker_url, topology.dead_letter_queue)
     if settings.broker_url.startswith(("amqp://", "amqps://")):
-        return AmqpTransport(settings.broker_url, topology, publish_timeout=settings.publish_timeout, connection_name=name)
+        return AmqpTransport(
+            settings.broker_url, topology, publish_timeout=settings.publish_timeout, connection_name=name,
+            heartbeat=settings.amqp_heartbeat,
+        )
     raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"broker_url: unsupported scheme in {settings.broker_url.split('://')[0]}://")
 
 
@@ -154,7 +157,11 @@ class Node:
         await self.membership.join()
         await self.membership.reconcile()
         await self.bus.start()
-        ctx = ServiceContext(self.uuid, self.bus, self.db, self.ring, s, self.agents, lambda: self.membership.fenced)
+        membership = self.membership
+        ctx = ServiceContext(
+            self.uuid, self.bus, self.db, self.ring, s, self.agents,
+            is_fenced=lambda: membership.fenced, is_evicted=lambda: membership.evicted,
+        )
         classes = [*BUILTIN_SERVICES, *plugin_services(), *self.extra_services]
         self.services = [cls(ctx) for cls in {c.name: c for c in classes}.values()]
         for service in self.services:
@@ -242,6 +249,8 @@ class Node:
                 await service.stop()
         if self.membership is not None and self._started and not self._evicted:
             await self.membership.begin_leave()
+        if self.ring is not None:
+            self.ring.remove(self.uuid)
         if self.bus is not None and self.services:
             queues = self.bus.node_queues([svc.name for svc in self.services], self.uuid)
             with contextlib.suppress(Exception):

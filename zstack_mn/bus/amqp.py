@@ -7,6 +7,9 @@
   restores them after a broker restart (aio-pika issue 536).
 * Every publish has a deadline: a robust connection that is down would otherwise wait for the
   broker forever.
+* The AMQP heartbeat (``amqp_heartbeat``, 5 s) lets the broker drop a frozen node's connection
+  and give its unacknowledged deliveries back to its queue, where the rescuer finds them
+  (measured: RabbitMQ 3.10 dropped a SIGSTOPped client about 28 s after the freeze at 10 s).
 * Rescue operations (``take``, ``delete_if_empty``) run on a short-lived channel of their own,
   because a missing queue or a failed precondition closes the channel it happens on.
 """
@@ -49,8 +52,11 @@ _DOWN_ERRORS = (
 class AmqpTransport(Transport):
     """A Transport on RabbitMQ."""
 
-    def __init__(self, url: str, topology: Topology, *, publish_timeout: float, connection_name: str) -> None:
+    def __init__(
+        self, url: str, topology: Topology, *, publish_timeout: float, connection_name: str, heartbeat: int = 5
+    ) -> None:
         self.url = url
+        self.heartbeat = heartbeat
         self.topology = topology
         self.publish_timeout = publish_timeout
         self.connection_name = connection_name
@@ -72,6 +78,7 @@ class AmqpTransport(Transport):
         try:
             self._connection = await aio_pika.connect_robust(
                 self.url,
+                heartbeat=self.heartbeat,
                 timeout=self.publish_timeout,
                 reconnect_interval=1.0,
                 client_properties={"connection_name": self.connection_name},

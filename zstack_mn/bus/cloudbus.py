@@ -79,6 +79,7 @@ EventHandler = Callable[[Event], Awaitable[None]]
 class _Pending:
     future: asyncio.Future[Envelope]
     started: float = field(default_factory=time.monotonic)
+    waiters: int = 1
 
 
 class CloudBus:
@@ -199,6 +200,10 @@ class CloudBus:
     ) -> Envelope:
         """Like ``call`` but returns the reply envelope (with ``handledBy``).
 
+        A retry of a request this node is still waiting for (same id: an idempotency key retried
+        on this node) is sent again to the owner the ring names now, and both callers get the
+        first reply, so a retry never waits behind a delivery stuck on a frozen node.
+
         A message whose destination is this node (non-resource, or a resource this node owns)
         runs in-process through the same dispatcher (chains, fencing, error replies): the sender
         is the receiver, so it is surely alive, and a crash takes the caller with it."""
@@ -208,8 +213,6 @@ class CloudBus:
         future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         corr = env.correlation_id
         assert corr is not None
-        if corr in self._pending:
-            raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"a call with id {corr} is already waiting")
         local = self._local.get(env.service)
         if local is not None and env.resource_uuid is not None and self._owner_or_none(env.resource_uuid) != self.node_uuid:
             local = None
@@ -224,17 +227,23 @@ class CloudBus:
                 raise ZStackError(
                     ErrorCode.TIMEOUT, f"no reply to {msg.type_name} within {timeout:g}s", messageId=env.id
                 ) from None
-        self._pending[corr] = _Pending(future)
+        pending = self._pending.get(corr)
+        if pending is None:
+            pending = self._pending[corr] = _Pending(future)
+        else:
+            pending.waiters += 1
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
                 await self._route(env, deadline)
-                return await future
+                return await asyncio.shield(pending.future)
         except TimeoutError:
             raise ZStackError(
                 ErrorCode.TIMEOUT, f"no reply to {msg.type_name} within {timeout:g}s", messageId=env.id
             ) from None
         finally:
-            self._pending.pop(corr, None)
+            pending.waiters -= 1
+            if pending.waiters == 0 and self._pending.get(corr) is pending:
+                del self._pending[corr]
 
     async def send(self, msg: Message, *, ttl: float | None = None) -> None:
         """Fire-and-forget: route ``msg`` and return once the broker confirmed it."""

@@ -77,6 +77,7 @@ class Membership:
         self._task: asyncio.Task[None] | None = None
         self._rescues: set[asyncio.Task[None]] = set()
         self._round_timeout = max(settings.heartbeat_interval, 1.0)
+        bus.metrics.heartbeat_age.set_function(self.heartbeat_age)
 
     @property
     def fenced(self) -> bool:
@@ -141,7 +142,6 @@ class Membership:
         if self.healthy_since is None:
             self.healthy_since = now
             log.info("heartbeat written again")
-        self.bus.metrics.heartbeat_age.set(0)
         try:
             await asyncio.wait_for(self.liveness.ensure(), self._round_timeout)
             rows = await asyncio.wait_for(self.nodes.list(), self._round_timeout)

@@ -63,6 +63,7 @@ class ServiceContext:
     settings: Settings
     agents: AgentClient
     is_fenced: Callable[[], bool]
+    is_evicted: Callable[[], bool] = lambda: False
 
 
 class Service:
@@ -112,9 +113,13 @@ class Service:
         """Wait (within the request's deadline) until the node may do resource work."""
         if not self.ctx.is_fenced():
             return
+        if self.ctx.is_evicted():
+            raise ZStackError(ErrorCode.NODE_FENCED, "this node was evicted from the cluster; retry on another node")
         deadline = None if req is None else req.deadline
         log.warning("resource work paused: node is fenced")
         while self.ctx.is_fenced():
+            if self.ctx.is_evicted():
+                raise ZStackError(ErrorCode.NODE_FENCED, "this node was evicted from the cluster; retry on another node")
             if deadline is not None and time.monotonic() + FENCE_POLL >= deadline:
                 raise ZStackError(ErrorCode.NODE_FENCED, "this node cannot reach the database; retry later")
             await asyncio.sleep(FENCE_POLL)
