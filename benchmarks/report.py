@@ -34,7 +34,7 @@ def markdown(data: dict[str, Any]) -> str:
         for row in r["b2"]["rows"]:
             lines.append(f"| {row['path']} | {row['nodes']} | {row['opsPerSecond']:.0f} | {row['p50Ms']:.1f} | "
                          f"{row['p99Ms']:.1f} | {row['errors']} | **{row['ratioToRaw']:.2f}×** |")
-        lines += [f"", f"raw request/reply in this run: {r['b2']['rawCallsPerSecond']:.0f} calls/s", ""]
+        lines += ["", f"raw request/reply in this run: {r['b2']['rawCallsPerSecond']:.0f} calls/s", ""]
     if "b3" in r:
         b = r["b3"]
         lines += ["## B3 — VMs created concurrently on 3 nodes (simulated agent)", "",

@@ -23,7 +23,6 @@ from zstack_mn.bus.transport import Delivery, QueueKind
 from zstack_mn.messages import Envelope, ErrorCode, ErrorInfo, Message, ZStackError, decode, encode, new_id
 from zstack_mn.messages.api import (
     APIAddHostMsg,
-    APIChangeHostStateMsg,
     APICreateVmInstanceMsg,
     APIDeleteHostMsg,
     APIDestroyVmInstanceMsg,
@@ -32,10 +31,10 @@ from zstack_mn.messages.api import (
     APIQueryManagementNodeMsg,
     APIQueryVmInstanceMsg,
     APIRebootVmInstanceMsg,
-    APIReconnectHostMsg,
     APIStartVmInstanceMsg,
     APIStopVmInstanceMsg,
 )
+from zstack_mn.messages.rest import ACTION_PATHS
 from zstack_mn.services.api_portal import IDEMPOTENCY_HEADER
 
 RETRYABLE_HTTP = {500, 502, 503, 504}
@@ -54,17 +53,9 @@ def _http_route(msg: Message) -> tuple[str, str, dict[str, Any] | None, dict[str
     """(method, path, json body, query) of an API message on the REST gateway."""
     data = msg.to_wire()
     uuid = data.pop("uuid", None)
-    actions = {
-        APIStartVmInstanceMsg: ("vm-instances", "startVmInstance"),
-        APIStopVmInstanceMsg: ("vm-instances", "stopVmInstance"),
-        APIRebootVmInstanceMsg: ("vm-instances", "rebootVmInstance"),
-        APIMigrateVmMsg: ("vm-instances", "migrateVm"),
-        APIReconnectHostMsg: ("hosts", "reconnectHost"),
-        APIChangeHostStateMsg: ("hosts", "changeHostState"),
-    }
     t = type(msg)
-    if t in actions:
-        kind, action = actions[t]
+    if t in ACTION_PATHS:
+        kind, action = ACTION_PATHS[t]
         return "PUT", f"/v1/{kind}/{uuid}/actions", {action: data}, None
     if t is APICreateVmInstanceMsg:
         return "POST", "/v1/vm-instances", {"params": {**data, **({"uuid": uuid} if uuid else {})}}, None

@@ -15,9 +15,8 @@ from typing import Any
 
 import structlog
 
-from zstack_mn.bus.cloudbus import CloudBus, Request
+from zstack_mn.bus.cloudbus import Request
 from zstack_mn.bus.topology import API_SERVICE
-from zstack_mn.cluster.ring import LiveRing
 from zstack_mn.db.hosts import HostRepository
 from zstack_mn.db.nodes import NodeRepository
 from zstack_mn.db.results import ResultRepository

@@ -115,12 +115,14 @@ class Service:
             return
         if self.ctx.is_evicted():
             raise ZStackError(ErrorCode.NODE_FENCED, "this node was evicted from the cluster; retry on another node")
-        deadline = None if req is None else req.deadline
+        deadline = req.deadline if req is not None and req.deadline is not None else None
+        if deadline is None:
+            deadline = time.monotonic() + self.ctx.settings.call_timeout
         log.warning("resource work paused: node is fenced")
         while self.ctx.is_fenced():
             if self.ctx.is_evicted():
                 raise ZStackError(ErrorCode.NODE_FENCED, "this node was evicted from the cluster; retry on another node")
-            if deadline is not None and time.monotonic() + FENCE_POLL >= deadline:
+            if time.monotonic() + FENCE_POLL >= deadline:
                 raise ZStackError(ErrorCode.NODE_FENCED, "this node cannot reach the database; retry later")
             await asyncio.sleep(FENCE_POLL)
 

@@ -24,20 +24,15 @@ from zstack_mn.messages import ErrorCode, Message, ZStackError
 from zstack_mn.messages.api import (
     MAX_PAGE,
     APIAddHostMsg,
-    APIChangeHostStateMsg,
     APICreateVmInstanceMsg,
     APIDeleteHostMsg,
     APIDestroyVmInstanceMsg,
-    APIMigrateVmMsg,
     APIQueryHostMsg,
     APIQueryManagementNodeMsg,
     APIQueryVmInstanceMsg,
-    APIRebootVmInstanceMsg,
-    APIReconnectHostMsg,
-    APIStartVmInstanceMsg,
-    APIStopVmInstanceMsg,
 )
 from zstack_mn.messages.envelope import validation_error
+from zstack_mn.messages.rest import HOST_ACTIONS, VM_ACTIONS
 from zstack_mn.services.api_portal import ApiPortal, request_id_for_key
 
 MAX_BODY_BYTES = 64 * 1024
@@ -73,16 +68,6 @@ def _action_body(name: str, actions: dict[str, type[Message]]) -> type[BaseModel
     )
 
 
-VM_ACTIONS: dict[str, type[Message]] = {
-    "startVmInstance": APIStartVmInstanceMsg,
-    "stopVmInstance": APIStopVmInstanceMsg,
-    "rebootVmInstance": APIRebootVmInstanceMsg,
-    "migrateVm": APIMigrateVmMsg,
-}
-HOST_ACTIONS: dict[str, type[Message]] = {
-    "reconnectHost": APIReconnectHostMsg,
-    "changeHostState": APIChangeHostStateMsg,
-}
 VmActionRequest = _action_body("VmActionRequest", VM_ACTIONS)
 HostActionRequest = _action_body("HostActionRequest", HOST_ACTIONS)
 CreateVmRequest = create_model("CreateVmRequest", __config__=ConfigDict(extra="forbid"), params=(APICreateVmInstanceMsg, ...))
@@ -166,12 +151,15 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
         msg = build(APIQueryVmInstanceMsg, {"uuid": uuid, "name": name, "state": state, "hostUuid": hostUuid, "limit": limit, "start": start})
         return await run(msg, None, response)
 
+    async def get_one(query: type[Message], kind: str, uuid: str, response: Response) -> dict[str, Any]:
+        page = await run(build(query, {"uuid": _uuid(uuid)}), None, response)
+        if not page["inventories"]:
+            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"{kind} {uuid} not found", uuid=uuid)
+        return {"inventory": page["inventories"][0]}
+
     @app.get("/v1/vm-instances/{uuid}", dependencies=guard, tags=["vm"])
     async def get_vm(uuid: str, response: Response) -> dict[str, Any]:
-        page = await run(build(APIQueryVmInstanceMsg, {"uuid": _uuid(uuid)}), None, response)
-        if not page["inventories"]:
-            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
-        return {"inventory": page["inventories"][0]}
+        return await get_one(APIQueryVmInstanceMsg, "vm", uuid, response)
 
     @app.put("/v1/vm-instances/{uuid}/actions", dependencies=guard, tags=["vm"])
     async def vm_action(uuid: str, body: VmActionRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
@@ -200,10 +188,7 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
 
     @app.get("/v1/hosts/{uuid}", dependencies=guard, tags=["host"])
     async def get_host(uuid: str, response: Response) -> dict[str, Any]:
-        page = await run(build(APIQueryHostMsg, {"uuid": _uuid(uuid)}), None, response)
-        if not page["inventories"]:
-            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"host {uuid} not found", uuid=uuid)
-        return {"inventory": page["inventories"][0]}
+        return await get_one(APIQueryHostMsg, "host", uuid, response)
 
     @app.put("/v1/hosts/{uuid}/actions", dependencies=guard, tags=["host"])
     async def host_action(uuid: str, body: HostActionRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
