@@ -198,3 +198,27 @@ async def test_bearer_token_guards_the_api_but_not_health(tmp_path: Path):
             assert (await http.get("/healthz")).status_code == 200
             metrics = (await http.get("/metrics")).text
             assert "zstack_messages_handled_total" in metrics and "zstack_heartbeat_age_seconds" in metrics
+
+
+async def test_stored_replies_expire(node: Node, client: Client):
+    assert node.portal is not None
+    await client.create_vm("kept", cpu_num=1, memory_size="64M", key="expiring-key")
+    assert await node.portal.results.get(
+        __import__("zstack_mn.services.api_portal", fromlist=["x"]).request_id_for_key("expiring-key")
+    ) is not None
+    assert await node.portal.results.expire(3600) == 0
+    await asyncio.sleep(2.1)
+    assert await node.portal.results.expire(1) >= 1
+
+
+async def test_a_stale_copy_of_a_finished_operation_is_answered_not_reapplied(node: Node, client: Client):
+    assert node.bus is not None and node.simulated_agent is not None
+    vm = await client.create_vm("stale", cpu_num=1, memory_size="64M")
+    stopped = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="stop-then-start-1")
+    assert stopped["state"] == "Stopped"
+    assert (await node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id="start-after-stop-1"))["state"] == "Running"
+    late = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="stop-then-start-1")
+    assert late["state"] == "Stopped"
+    now = (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]
+    assert now["state"] == "Running", "a stale copy of a finished stop stopped the VM again"
+    assert node.simulated_agent.effects["stop-then-start-1"] == 1

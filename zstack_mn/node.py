@@ -136,7 +136,11 @@ class Node:
         self.uuid = str(uuidlib.uuid4())
         bind_node(self.uuid)
         log.info("node starting", broker=s.broker_url, database=s.database_url)
-        self.db = Database(s.database_url, timeout=max(s.heartbeat_interval * 2, 5.0))
+        self.db = Database(
+            s.database_url,
+            timeout=max(s.heartbeat_interval * 2, 5.0),
+            idle_transaction_timeout=max(s.fence_after_s * 0.8, 0.5),
+        )
         await self.db.migrate()
         self.transport = make_transport(s, self.topology, f"zstack-mn {self.uuid}")
         await self.transport.start()
@@ -168,10 +172,12 @@ class Node:
             await self.bus.serve(service.name, service.dispatch)
         self.portal = ApiPortal(ctx)
         await self.bus.serve_api(self.portal.dispatch)
+        bus = self.bus
+        self.ring.add_listener(lambda old, new: bus.reroute_pending(new.nodes))
         self.ring.add_listener(lambda old, new: [svc.on_ring_changed() for svc in self.services])
         await self.membership.announce_running()
         self.membership.start()
-        for service in self.services:
+        for service in [*self.services, self.portal]:
             await service.start()
         if s.http_enabled:
             self.http = EmbeddedServer(
@@ -244,7 +250,7 @@ class Node:
             await self.bus.stop_serving()
             if not await self.bus.wait_idle(0 if self._evicted else s.drain_timeout):
                 log.warning("in-flight work did not finish within drain_timeout", drain_timeout=s.drain_timeout)
-        for service in reversed(self.services):
+        for service in [*reversed(self.services), *([self.portal] if self.portal else [])]:
             with contextlib.suppress(Exception):
                 await service.stop()
         if self.membership is not None and self._started and not self._evicted:

@@ -80,6 +80,9 @@ class _Pending:
     future: asyncio.Future[Envelope]
     started: float = field(default_factory=time.monotonic)
     waiters: int = 1
+    envelope: Envelope | None = None
+    owner: str | None = None
+    deadline: float = 0.0
 
 
 class CloudBus:
@@ -109,7 +112,7 @@ class CloudBus:
         self._subscribers: list[tuple[str, EventHandler]] = []
         self._serving: list[str] = []
         self._local: dict[str, Dispatcher] = {}
-        self._local_tasks: set[asyncio.Future[Envelope]] = set()
+        self._local_tasks: set[asyncio.Future[Any]] = set()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -229,9 +232,11 @@ class CloudBus:
                 ) from None
         pending = self._pending.get(corr)
         if pending is None:
-            pending = self._pending[corr] = _Pending(future)
+            pending = self._pending[corr] = _Pending(future, envelope=env, deadline=deadline)
         else:
             pending.waiters += 1
+        if env.resource_uuid is not None and env.service != API_SERVICE:
+            pending.owner = self._owner_or_none(env.resource_uuid)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
                 await self._route(env, deadline)
@@ -244,6 +249,30 @@ class CloudBus:
             pending.waiters -= 1
             if pending.waiters == 0 and self._pending.get(corr) is pending:
                 del self._pending[corr]
+
+    def reroute_pending(self, live: frozenset[str]) -> int:
+        """Re-send every call still waiting on a node that has left the ring to the new owner
+        (same id: the first reply wins, the stale copy's reply is dropped as late), so callers do
+        not wait for deliveries stuck on a dead or frozen node. Returns how many were re-sent."""
+        moved = 0
+        for pending in list(self._pending.values()):
+            env = pending.envelope
+            if env is None or pending.owner is None or pending.owner in live or pending.future.done():
+                continue
+            pending.owner = self._owner_or_none(env.resource_uuid or "")
+            task = asyncio.get_running_loop().create_task(self._reroute(env, pending.deadline))
+            self._local_tasks.add(task)
+            task.add_done_callback(self._local_tasks.discard)
+            moved += 1
+        if moved:
+            log.info("re-sent calls that waited on a departed node", count=moved)
+        return moved
+
+    async def _reroute(self, env: Envelope, deadline: float) -> None:
+        try:
+            await self._route(env, deadline)
+        except ZStackError as exc:
+            log.warning("re-send failed; the original call keeps waiting", error=exc.description)
 
     async def send(self, msg: Message, *, ttl: float | None = None) -> None:
         """Fire-and-forget: route ``msg`` and return once the broker confirmed it."""

@@ -46,7 +46,13 @@ def normalise_url(url: str) -> str:
 class Database:
     """Engine, sessions, migrations and dialect helpers."""
 
-    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, *, pool_size: int = 10, timeout: float = 10.0, idle_transaction_timeout: float | None = None
+    ) -> None:
+        """``idle_transaction_timeout`` (PostgreSQL): the server ends a session of this process that
+        sits inside a transaction longer than this, releasing its row locks. A frozen node
+        (SIGSTOP, a stalled VM) must not hold locks that its successors wait on; set it below
+        the fencing time. ``timeout`` also bounds every lock wait."""
         self.url = normalise_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
@@ -57,11 +63,14 @@ class Database:
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": timeout}
         else:
+            server_settings = {"lock_timeout": str(int(timeout * 1000))}
+            if idle_transaction_timeout is not None:
+                server_settings["idle_in_transaction_session_timeout"] = str(int(idle_transaction_timeout * 1000))
             kwargs.update(
                 pool_size=pool_size,
                 max_overflow=pool_size,
                 pool_timeout=timeout,
-                connect_args={"timeout": timeout, "command_timeout": timeout},
+                connect_args={"timeout": timeout, "command_timeout": timeout, "server_settings": server_settings},
             )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:

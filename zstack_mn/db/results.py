@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from sqlalchemy import delete, insert, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
 from zstack_mn.db.models import MessageResult
@@ -12,9 +17,23 @@ from zstack_mn.db.models import MessageResult
 RESULT = MessageResult.__table__
 
 
+OPERATION_PREFIX = "op:"
+
+
 class ResultRepository:
+    """Replies by request id: the portal's (keyed API requests) and the services' completed
+    operations (``op:<message id>``), written in the same transaction as the operation's final
+    state, so a stale or redelivered copy of a finished operation is answered, never re-applied."""
+
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    async def record_in(self, conn: AsyncConnection, request_id: str, reply: dict[str, Any]) -> None:
+        """Store ``reply`` inside the caller's transaction; an existing record is kept."""
+        ins = pg_insert(RESULT) if self.db.is_postgres else sqlite_insert(RESULT)
+        await conn.execute(
+            ins.values(id=request_id, reply=orjson.dumps(reply).decode()).on_conflict_do_nothing(index_elements=["id"])
+        )
 
     async def get(self, request_id: str) -> dict | None:
         async with self.db.begin() as conn:

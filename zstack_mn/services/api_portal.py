@@ -10,6 +10,7 @@ the same id).
 
 from __future__ import annotations
 
+import asyncio
 import uuid as uuidlib
 from typing import Any
 
@@ -34,6 +35,8 @@ from zstack_mn.services.base import Service, ServiceContext
 log = structlog.get_logger(__name__)
 
 IDEMPOTENCY_HEADER = "idempotencyKey"
+RESULT_RETENTION_S = 24 * 3600
+RESULT_SWEEP_INTERVAL_S = 600
 IDEMPOTENCY_NAMESPACE = uuidlib.UUID("0b6f3c52-9a51-4d7e-a3f1-52c8b8e0d7a1")
 
 
@@ -51,6 +54,26 @@ class ApiPortal(Service):
         self.hosts = HostRepository(ctx.db)
         self.vms = VmRepository(ctx.db)
         self.nodes = NodeRepository(ctx.db)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="result-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+
+    async def _sweep(self) -> None:
+        """Forget stored replies older than RESULT_RETENTION_S (a retry after a day is a new request)."""
+        while True:
+            await asyncio.sleep(RESULT_SWEEP_INTERVAL_S)
+            try:
+                removed = await self.results.expire(RESULT_RETENTION_S)
+                if removed:
+                    log.info("expired stored replies", removed=removed)
+            except ZStackError as exc:
+                log.warning("stored replies not expired", error=exc.description)
 
     async def dispatch(self, req: Request) -> dict[str, Any]:
         key = req.envelope.headers.get(IDEMPOTENCY_HEADER)

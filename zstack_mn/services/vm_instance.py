@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from zstack_mn.agent.protocol import VmOp
 from zstack_mn.bus.cloudbus import Request
 from zstack_mn.db.hosts import HostRepository
+from zstack_mn.db.results import OPERATION_PREFIX, ResultRepository
 from zstack_mn.db.vms import VmRepository, vm_inventory
 from zstack_mn.messages import Envelope, ErrorCode, ZStackError
 from zstack_mn.messages.events import VmStateChangedEvent
@@ -51,6 +52,7 @@ class VmInstanceService(Service):
         super().__init__(ctx)
         self.vms = VmRepository(ctx.db)
         self.hosts = HostRepository(ctx.db)
+        self.results = ResultRepository(ctx.db)
         self._reconciler: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -141,6 +143,9 @@ class VmInstanceService(Service):
     async def _operate(self, uuid: str, name: str, req: Request, target: str | None = None) -> dict[str, Any]:
         op = s.OPERATIONS[name]
         op_id = req.envelope.id
+        done = await self.results.get(OPERATION_PREFIX + op_id)
+        if done is not None:
+            return done
         loaded = await self.vms.get_with_agent(uuid)
         if loaded is None:
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
@@ -217,8 +222,10 @@ class VmInstanceService(Service):
                 current = await self.vms.get_in(conn, vm.uuid)
                 log.warning("vm changed while the operation ran; keeping its current state", vm=vm.uuid)
                 return vm_inventory(current).to_wire()
+            inventory = vm_inventory(fresh).to_wire()
+            await self.results.record_in(conn, OPERATION_PREFIX + vm.op_id, inventory)
         await self._event(vm.uuid, vm.state, op.final, fresh.host_uuid)
-        return vm_inventory(fresh).to_wire()
+        return inventory
 
     async def _settle_from_agent(self, vm: Any, *, fallback_failed_start: bool = False) -> None:
         """Set a VM in a transient state to what its agent reports (capacity follows)."""
