@@ -101,6 +101,10 @@ class Database:
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "database connection lost") from exc
+            if _sqlstate(exc) in RETRYABLE_SQLSTATES:
+                raise ZStackError(
+                    ErrorCode.DATABASE_UNAVAILABLE, "the database is busy (a lock or a conflict); retry", sqlstate=_sqlstate(exc)
+                ) from exc
             raise
 
     def now(self) -> ColumnElement[Any]:
@@ -133,6 +137,21 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+RETRYABLE_SQLSTATES = {
+    "55P03",  # lock_not_available: lock_timeout expired
+    "57014",  # query_canceled: statement timeout
+    "40001",  # serialization_failure
+    "40P01",  # deadlock_detected
+}
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = exc.orig
+    code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    cause = getattr(orig, "__cause__", None)
+    return code or getattr(cause, "sqlstate", None)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:

@@ -1,0 +1,36 @@
+"""Database contention and cancellation become a retryable error, never a 500 (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+
+from zstack_mn.db.engine import Database
+from zstack_mn.messages import ErrorCode, ZStackError
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+async def test_lock_timeout_and_cancelled_statement_are_retryable(pg_database: str):
+    holder, waiter = Database(pg_database, timeout=1.0), Database(pg_database, timeout=1.0)
+    try:
+        await holder.migrate()
+        async with holder.begin() as conn:
+            await conn.execute(text("INSERT INTO message_result (id, reply) VALUES ('k', '{}')"))
+        locked = await holder.engine.connect()
+        await locked.begin()
+        await locked.execute(text("UPDATE message_result SET reply = '{}' WHERE id = 'k'"))
+        with pytest.raises(ZStackError) as err:
+            async with waiter.begin() as conn:
+                await conn.execute(text("UPDATE message_result SET reply = '{}' WHERE id = 'k'"))
+        assert err.value.code is ErrorCode.DATABASE_UNAVAILABLE and err.value.retryable
+        await locked.rollback()
+        await locked.close()
+        with pytest.raises(ZStackError) as err:
+            async with waiter.begin() as conn:
+                await conn.execute(text("SET LOCAL statement_timeout = 50"))
+                await conn.execute(text("SELECT pg_sleep(0.5)"))
+        assert err.value.code is ErrorCode.DATABASE_UNAVAILABLE and err.value.retryable
+    finally:
+        await holder.close()
+        await waiter.close()
