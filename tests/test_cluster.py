@@ -61,16 +61,22 @@ async def setup_vms(harness: ClusterHarness, count: int, hosts: int = 2) -> tupl
     return client, [vm["uuid"] for vm in vms]
 
 
+async def three_nodes_with_vms(harness: ClusterHarness, count: int) -> tuple[list, set[str], Client, list[str]]:
+    """Three nodes whose rings agree, an agent with two hosts, and ``count`` running VMs."""
+    nodes = await harness.start_nodes(3)
+    uuids = {n.uuid for n in nodes}
+    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    client, vms = await setup_vms(harness, count)
+    return nodes, uuids, client, vms
+
+
 def owned(vms: list[str], ring_nodes: set[str], node: str) -> list[str]:
     ring = HashRing(ring_nodes)
     return [v for v in vms if ring.owner_of(v) == node]
 
 
 async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: ClusterHarness):
-    nodes = await harness.start_nodes(3)
-    uuids = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
-    client, vms = await setup_vms(harness, 30)
+    nodes, uuids, client, vms = await three_nodes_with_vms(harness, 30)
     victim, survivors = nodes[2], nodes[:2]
     victims_vms = owned(vms, uuids, victim.uuid)
     assert victims_vms, "the victim owns no VM; the ring is broken"
@@ -97,10 +103,7 @@ async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: Clust
 
 
 async def test_sigterm_leaves_within_a_heartbeat_and_loses_nothing(harness: ClusterHarness):
-    nodes = await harness.start_nodes(3)
-    uuids = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
-    client, vms = await setup_vms(harness, 30)
+    nodes, uuids, client, vms = await three_nodes_with_vms(harness, 30)
     leaver, stayers = nodes[0], nodes[1:]
     async with Client.http(harness.urls(stayers), timeout=60) as c:
         calls = [asyncio.create_task(c.reboot_vm(v)) for v in vms]
@@ -122,10 +125,7 @@ async def test_sigterm_leaves_within_a_heartbeat_and_loses_nothing(harness: Clus
 
 
 async def test_short_sigstop_is_not_evicted_long_one_is_and_never_serves_again(harness: ClusterHarness):
-    nodes = await harness.start_nodes(3)
-    uuids = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
-    client, vms = await setup_vms(harness, 20)
+    nodes, uuids, client, vms = await three_nodes_with_vms(harness, 20)
     frozen = nodes[1]
 
     frozen.signal(signal.SIGSTOP)
@@ -175,10 +175,7 @@ async def _op_nodes(harness: ClusterHarness, vms: list[str]) -> set[str]:
 
 
 async def test_sigkill_during_slow_start_ends_in_the_agents_state(harness: ClusterHarness):
-    nodes = await harness.start_nodes(3)
-    uuids = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
-    client, vms = await setup_vms(harness, 12)
+    nodes, uuids, client, vms = await three_nodes_with_vms(harness, 12)
     victim = nodes[0]
     mine = owned(vms, uuids, victim.uuid)
     assert mine
@@ -205,10 +202,7 @@ async def test_sigkill_during_slow_start_ends_in_the_agents_state(harness: Clust
 async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: ClusterHarness):
     from zstack_mn.testing import servers
 
-    nodes = await harness.start_nodes(3)
-    uuids = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
-    client, vms = await setup_vms(harness, 6)
+    nodes, uuids, client, vms = await three_nodes_with_vms(harness, 6)
     outage = harness.node_timeout * 2
     try:
         assert servers.pg_ctl("stop", "-m", "immediate").returncode == 0

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, HTTPException
 
-from zstack_mn.agent.protocol import VM_RUNNING, VM_STOPPED, AgentFault, HostFacts, VmList, VmOp, VmStatus
+from zstack_mn.agent.protocol import VM_DESTROYED, VM_RUNNING, VM_STOPPED, AgentFault, HostFacts, VmList, VmOp, VmStatus
 
 VM_OPERATIONS = ("start", "stop", "reboot", "destroy", "migrate")
 DEFAULT_CPU = 64
@@ -79,7 +79,7 @@ class SimulatedAgent:
         elif op == "destroy":
             if where is not None:
                 where.vms.pop(vm_uuid, None)
-            state = "Destroyed"
+            state = VM_DESTROYED
         else:
             if not req.target_host_id:
                 raise HTTPException(400, "targetHostId: required for migrate")

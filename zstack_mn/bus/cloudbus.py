@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -78,7 +78,6 @@ EventHandler = Callable[[Event], Awaitable[None]]
 @dataclass
 class _Pending:
     future: asyncio.Future[Envelope]
-    started: float = field(default_factory=time.monotonic)
     waiters: int = 1
     envelope: Envelope | None = None
     owner: str | None = None
@@ -442,9 +441,6 @@ class CloudBus:
             if env.reply_to:
                 await self._send_reply(env.reply_to, Envelope.reply_error(env.correlation_id or env.id, exc, self.node_uuid))
 
-    async def reply_to(self, reply_to: str, reply: Envelope) -> None:
-        await self._send_reply(reply_to, reply)
-
     async def _send_reply(self, reply_to: str, reply: Envelope) -> None:
         try:
             body = encode(reply, self.limits.max_message_bytes)
@@ -467,7 +463,7 @@ class CloudBus:
             env = decode(delivery.body, self.limits.max_message_bytes)
         except ZStackError:
             return False
-        if env.type == "Reply" or env.ttl_ms is None:
+        if env.is_reply or env.ttl_ms is None:
             deadline = time.monotonic() + self.limits.call_timeout
         else:
             deadline = time.monotonic() + env.ttl_ms / 1000

@@ -31,7 +31,7 @@ from zstack_mn.cluster.rescue import rescue_queues
 from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database
-from zstack_mn.db.nodes import LEAVING, RUNNING, NodeRepository, NodeRow
+from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, NodeRepository, NodeRow
 from zstack_mn.messages import Event, ZStackError
 
 log = structlog.get_logger(__name__)
@@ -72,7 +72,7 @@ class Membership:
         self.liveness = LivenessSession(db, node_uuid, timeout=max(settings.heartbeat_interval, 1.0))
         self.last_success = time.monotonic()
         self.healthy_since: float | None = None
-        self.state = "JOINING"
+        self.state = JOINING
         self.evicted = False
         self._task: asyncio.Task[None] | None = None
         self._rescues: set[asyncio.Task[None]] = set()

@@ -1,7 +1,7 @@
 """The database: an async engine for PostgreSQL (asyncpg) or SQLite (aiosqlite), migrations under a
 lock, and the few dialect differences (database-time arithmetic) in one place.
 
-    db = Database(settings.database_url); await db.migrate(); async with db.session() as s: ...
+    db = Database(settings.database_url); await db.migrate(); async with db.begin() as conn: ...
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from alembic.config import Config
 from sqlalchemy import ColumnElement, event, func, literal_column, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from zstack_mn.messages import ErrorCode, ZStackError
 
@@ -75,7 +75,6 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     @property
     def is_sqlite(self) -> bool:
@@ -84,11 +83,6 @@ class Database:
     @property
     def is_postgres(self) -> bool:
         return self.dialect == "postgresql"
-
-    @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessions() as s:
-            yield s
 
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:

@@ -12,7 +12,7 @@ from zstack_mn.db.models import Host, VmInstance
 from zstack_mn.messages.inventory import HostInventory
 
 ENABLED, DISABLED, MAINTENANCE = "Enabled", "Disabled", "Maintenance"
-CONNECTING, CONNECTED, DISCONNECTED = "Connecting", "Connected", "Disconnected"
+CONNECTED, DISCONNECTED = "Connected", "Disconnected"
 STATE_EVENTS = {"enable": ENABLED, "disable": DISABLED, "maintain": MAINTENANCE}
 
 HOST = Host.__table__

@@ -70,10 +70,6 @@ class VmRepository:
             )
             return list(rows)
 
-    async def on_host(self, host_uuid: str) -> list[Any]:
-        async with self.db.begin() as conn:
-            return list(await conn.execute(select(VM.c.uuid).where(VM.c.host_uuid == host_uuid)))
-
     async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[VmInventory]]:
         cond = and_(*[getattr(VM.c, k) == v for k, v in filters.items()]) if filters else True
         async with self.db.begin() as conn:

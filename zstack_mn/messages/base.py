@@ -108,9 +108,6 @@ class Registry:
         except KeyError:
             raise ZStackError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"unknown message type {type_name!r}") from None
 
-    def messages_of(self, service: str) -> list[type[Message]]:
-        return [c for c in self._types.values() if issubclass(c, Message) and c.SERVICE == service]
-
     def __contains__(self, type_name: str) -> bool:
         return type_name in self._types
 

@@ -43,7 +43,6 @@ class ErrorCode(str, Enum):
     CONCURRENT_MODIFICATION = ("VM.1002", 409, True)
     HOST_IN_USE = ("HOST.1001", 409, False)
     NO_CAPACITY = ("HOST.1002", 409, False)
-    HOST_NOT_CONNECTED = ("HOST.1003", 409, True)
     DUPLICATE_RESOURCE = ("SYS.1020", 409, False)
 
     AGENT_ERROR = ("AGENT.1001", 502, False)

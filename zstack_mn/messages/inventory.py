@@ -42,9 +42,3 @@ class ManagementNodeInventory(WireModel):
     ring_share: float
     ring_digest: str
 
-
-class Page(WireModel):
-    """A page of a query: the rows and the total count matching the filters."""
-
-    total: int
-    inventories: list[dict]

@@ -18,15 +18,14 @@ class Operation:
     allowed_from: frozenset[str]
     transient: str
     final: str
-    holds_capacity: bool
 
 
 OPERATIONS = {
-    "start": Operation("start", frozenset({CREATED, STOPPED}), STARTING, RUNNING, True),
-    "stop": Operation("stop", frozenset({RUNNING, UNKNOWN}), STOPPING, STOPPED, False),
-    "reboot": Operation("reboot", frozenset({RUNNING}), REBOOTING, RUNNING, True),
-    "destroy": Operation("destroy", frozenset({CREATED, STOPPED, RUNNING, UNKNOWN}), DESTROYING, DESTROYED, False),
-    "migrate": Operation("migrate", frozenset({RUNNING}), MIGRATING, RUNNING, True),
+    "start": Operation("start", frozenset({CREATED, STOPPED}), STARTING, RUNNING),
+    "stop": Operation("stop", frozenset({RUNNING, UNKNOWN}), STOPPING, STOPPED),
+    "reboot": Operation("reboot", frozenset({RUNNING}), REBOOTING, RUNNING),
+    "destroy": Operation("destroy", frozenset({CREATED, STOPPED, RUNNING, UNKNOWN}), DESTROYING, DESTROYED),
+    "migrate": Operation("migrate", frozenset({RUNNING}), MIGRATING, RUNNING),
 }
 
 OPERATION_OF_TRANSIENT = {op.transient: name for name, op in OPERATIONS.items()}
