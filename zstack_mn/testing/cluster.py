@@ -114,8 +114,9 @@ class ClusterHarness:
         await self._wait_http(self.agent, "/admin/stats")
         return self.agent.url
 
-    async def start_node(self, extra_env: dict[str, str] | None = None, wait: bool = True) -> Proc:
-        port = free_port()
+    async def start_node(self, extra_env: dict[str, str] | None = None, wait: bool = True, port: int | None = None) -> Proc:
+        """Start a node (on ``port``, e.g. to restart one at the address clients know)."""
+        port = port or free_port()
         proc = self._spawn(f"node{len(self.nodes) + 1}", ["start"], port, extra_env)
         self.nodes.append(proc)
         if wait:
