@@ -121,3 +121,24 @@ async def test_poison_on_the_api_and_a_service_queue(cluster: ClusterHarness):
     async with httpx.AsyncClient() as http:
         for n in cluster.nodes:
             assert (await http.get(n.url + "/readyz")).json()["ready"] is True
+
+
+async def test_read_endpoints_metrics_and_openapi_on_every_node(cluster: ClusterHarness):
+    assert cluster.agent is not None
+    async with Client.http(cluster.urls()) as client:
+        host = await client.add_host("read-h", f"{cluster.agent.url}/hosts/read-1")
+        vm = await client.create_vm("read-vm", cpu_num=1, memory_size="64M")
+    async with httpx.AsyncClient(timeout=10) as http:
+        for node in cluster.nodes:
+            got_vm = await http.get(f"{node.url}/v1/vm-instances/{vm['uuid']}")
+            assert got_vm.status_code == 200 and got_vm.json()["inventory"]["uuid"] == vm["uuid"]
+            got_host = await http.get(f"{node.url}/v1/hosts/{host['uuid']}")
+            assert got_host.status_code == 200 and got_host.json()["inventory"]["name"] == "read-h"
+            missing = await http.get(f"{node.url}/v1/hosts/{uuid.uuid4()}")
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == ErrorCode.RESOURCE_NOT_FOUND.value
+            metrics = (await http.get(f"{node.url}/metrics")).text
+            assert "zstack_ring_nodes 3.0" in metrics and "zstack_heartbeat_age_seconds" in metrics
+            spec = (await http.get(f"{node.url}/openapi.json")).json()
+            assert {"/v1/vm-instances", "/v1/vm-instances/{uuid}/actions", "/v1/hosts", "/v1/management-nodes"} <= set(spec["paths"])
+            assert "APICreateVmInstanceMsg" in spec["components"]["schemas"]
+            assert (await http.get(f"{node.url}/docs")).status_code == 200
