@@ -212,7 +212,6 @@ class CloudBus:
         timeout = self.limits.call_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         env = Envelope.request(msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=msg_id, headers=headers)
-        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         corr = env.correlation_id
         assert corr is not None
         local = self._local.get(env.service)
@@ -231,6 +230,7 @@ class CloudBus:
                 ) from None
         pending = self._pending.get(corr)
         if pending is None:
+            future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
             pending = self._pending[corr] = _Pending(future, envelope=env, deadline=deadline)
         else:
             pending.waiters += 1
