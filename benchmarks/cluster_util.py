@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +21,7 @@ async def cluster(url: str, prefix: str, nodes: int, **timing: Any) -> AsyncIter
     database = await servers.create_database()
     workdir = Path(tempfile.mkdtemp(prefix="zstack-bench-"))
     h = ClusterHarness(workdir, amqp_url=url, database_url=servers.pg_url(database), queue_prefix=prefix, **timing)
+    failed = False
     try:
         db = Database(h.database_url)
         await db.migrate()
@@ -29,9 +31,16 @@ async def cluster(url: str, prefix: str, nodes: int, **timing: Any) -> AsyncIter
             expected = {n.uuid for n in h.nodes}
             await h.wait_until(lambda: h.rings_agree(expected), 60, "rings agree")
         yield h
+    except BaseException:
+        failed = True
+        raise
     finally:
         await h.close()
         await servers.drop_database(database)
+        if failed:
+            print(f"node logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Toggler:
