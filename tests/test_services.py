@@ -15,7 +15,8 @@ from tests.embedded import embedded_node
 from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
 from zstack_mn.db.models import Host, VmInstance
-from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.messages import ErrorCode, Event, ZStackError
+from zstack_mn.messages.events import VmStateChangedEvent
 from zstack_mn.messages.vm import StartVmInstanceMsg, StopVmInstanceMsg
 from zstack_mn.node import Node
 
@@ -131,6 +132,14 @@ async def test_delete_host_refused_while_vms_live(client: Client):
 
 
 async def test_unreachable_agent_disconnects_host_and_vms_come_back(node: Node, client: Client):
+    assert node.bus is not None
+    seen: list[tuple[str | None, str]] = []
+
+    async def record(evt: Event) -> None:
+        if isinstance(evt, VmStateChangedEvent):
+            seen.append((evt.old_state, evt.new_state))
+
+    await node.bus.subscribe("vm.state.changed", record)
     vm = await client.create_vm("tracked", cpu_num=1, memory_size="64M")
     faults(node, AgentFault(op="ping", down=True))
 
@@ -151,6 +160,11 @@ async def test_unreachable_agent_disconnects_host_and_vms_come_back(node: Node, 
     faults(node)
     await until("host", "Connected")
     await until("vm", "Running")
+    for _ in range(100):
+        if ("Unknown", "Running") in seen:
+            break
+        await asyncio.sleep(0.02)
+    assert ("Running", "Unknown") in seen and ("Unknown", "Running") in seen, seen
 
 
 async def test_stop_of_a_vm_on_a_missing_host_is_clean(node: Node, client: Client):

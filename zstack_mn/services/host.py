@@ -22,7 +22,7 @@ from zstack_mn.bus.cloudbus import Request
 from zstack_mn.db.hosts import CONNECTED, DISCONNECTED, STATE_EVENTS, HostRepository, host_inventory
 from zstack_mn.db.models import VmInstance
 from zstack_mn.messages import ErrorCode, ZStackError
-from zstack_mn.messages.events import HostStatusChangedEvent
+from zstack_mn.messages.events import HostStatusChangedEvent, VmStateChangedEvent
 from zstack_mn.messages.host import (
     HOST,
     AddHostMsg,
@@ -155,12 +155,16 @@ class HostService(Service):
         previous = await self.hosts.set_status(uuid, DISCONNECTED)
         if previous not in (None, DISCONNECTED):
             async with self.db.begin() as conn:
-                await conn.execute(
+                unknown = await conn.execute(
                     update(VM)
                     .where(VM.c.host_uuid == uuid, VM.c.state == "Running")
                     .values(state="Unknown", version=VM.c.version + 1)
+                    .returning(VM.c.uuid)
                 )
+                lost = [r.uuid for r in unknown]
             await self.bus.publish(HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=DISCONNECTED))
+            for vm in lost:
+                await self.bus.publish(VmStateChangedEvent(vm_uuid=vm, old_state="Running", new_state="Unknown", host_uuid=uuid))
             log.warning("host disconnected", host=uuid)
 
     async def _sync_vms(self, host_uuid: str, agent_url: str) -> None:
@@ -170,6 +174,7 @@ class HostService(Service):
         except ZStackError as exc:
             log.warning("cannot sync VM states", host=host_uuid, error=exc.description)
             return
+        settled: list[tuple[str, str]] = []
         async with self.db.begin() as conn:
             for row in await conn.execute(
                 VM.select().where(VM.c.host_uuid == host_uuid, VM.c.state == "Unknown")
@@ -178,8 +183,16 @@ class HostService(Service):
                 values: dict[str, Any] = {"state": state, "version": row.version + 1}
                 if state == "Stopped":
                     values.update(host_uuid=None, last_host_uuid=host_uuid)
+                result = await conn.execute(
+                    update(VM).where(VM.c.uuid == row.uuid, VM.c.version == row.version).values(**values)
+                )
+                if result.rowcount != 1:
+                    continue
+                if state == "Stopped":
                     await self.hosts.release(conn, host_uuid, row.cpu_num, row.memory_size)
-                await conn.execute(update(VM).where(VM.c.uuid == row.uuid, VM.c.version == row.version).values(**values))
+                settled.append((row.uuid, state))
+        for vm, state in settled:
+            await self.bus.publish(VmStateChangedEvent(vm_uuid=vm, old_state="Unknown", new_state=state, host_uuid=host_uuid))
 
     async def _track(self) -> None:
         interval = self.ctx.settings.host_ping_interval
