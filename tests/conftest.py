@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from zstack_mn.testing import servers
+from zstack_mn.testing.cluster import ClusterHarness
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.memory import MemoryBroker, MemoryTransport
 from zstack_mn.bus.topology import Topology
@@ -98,6 +100,15 @@ async def make_transport(
     for t in made:
         await asyncio.wait_for(t.close(), 10)
     MemoryBroker.reset(memory_url)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, amqp_url: str, pg_database: str) -> AsyncIterator[ClusterHarness]:
+    h = ClusterHarness(tmp_path, amqp_url=amqp_url, database_url=pg_database, queue_prefix=f"c{uuid.uuid4().hex[:8]}")
+    try:
+        yield h
+    finally:
+        await h.close()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,15 +20,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, amqp_url: str, pg_database: str) -> AsyncIterator[ClusterHarness]:
-    h = ClusterHarness(tmp_path, amqp_url=amqp_url, database_url=pg_database, queue_prefix=f"a{uuid.uuid4().hex[:8]}")
-    try:
-        nodes = await h.start_nodes(3)
-        await h.wait_until(lambda: h.rings_agree({n.uuid for n in nodes}), 10, "rings agree")
-        await h.start_agent()
-        yield h
-    finally:
-        await h.close()
+async def cluster(harness: ClusterHarness) -> ClusterHarness:
+    nodes = await harness.start_nodes(3)
+    await harness.wait_until(lambda: harness.rings_agree({n.uuid for n in nodes}), 10, "rings agree")
+    await harness.start_agent()
+    return harness
 
 
 async def exercise_every_api(client: Client, agent: str, tag: str) -> set[str]:

@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.cluster_helpers import log_events, owned, three_nodes_with_vms
 from zstack_mn.testing.cluster import ClusterHarness
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-async def harness(tmp_path: Path, amqp_url: str, pg_database: str) -> AsyncIterator[ClusterHarness]:
-    h = ClusterHarness(tmp_path, amqp_url=amqp_url, database_url=pg_database, queue_prefix=f"c{uuid.uuid4().hex[:8]}")
-    try:
-        yield h
-    finally:
-        await h.close()
 
 
 async def test_three_nodes_agree_on_the_ring(harness: ClusterHarness):
@@ -35,44 +25,6 @@ async def test_three_nodes_agree_on_the_ring(harness: ClusterHarness):
         listed = await client.management_nodes()
     assert {n["uuid"] for n in listed["inventories"]} == expected
     assert listed["total"] == 3
-
-
-def log_events(procs, event: str) -> list[dict]:
-    """The JSON log lines of ``procs`` whose event is ``event``."""
-    found = []
-    for p in procs:
-        for line in p.log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("event") == event:
-                found.append(entry)
-    return found
-
-
-async def setup_vms(harness: ClusterHarness, count: int, hosts: int = 2) -> tuple[Client, list[str]]:
-    agent = await harness.start_agent()
-    client = Client.http(harness.urls(), timeout=60)
-    for i in range(hosts):
-        await client.add_host(f"h{i}", f"{agent}/hosts/h{i}")
-    vms = await asyncio.gather(*(client.create_vm(f"vm{i}", cpu_num=1, memory_size="64M") for i in range(count)))
-    assert all(vm["state"] == "Running" for vm in vms)
-    return client, [vm["uuid"] for vm in vms]
-
-
-async def three_nodes_with_vms(harness: ClusterHarness, count: int) -> tuple[list, set[str], Client, list[str]]:
-    """Three nodes whose rings agree, an agent with two hosts, and ``count`` running VMs."""
-    nodes = await harness.start_nodes(3)
-    uuids = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
-    client, vms = await setup_vms(harness, count)
-    return nodes, uuids, client, vms
-
-
-def owned(vms: list[str], ring_nodes: set[str], node: str) -> list[str]:
-    ring = HashRing(ring_nodes)
-    return [v for v in vms if ring.owner_of(v) == node]
 
 
 async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: ClusterHarness):

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from tests.test_cluster import setup_vms
+from tests.cluster_helpers import three_nodes_with_vms
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ZStackError
@@ -19,15 +16,6 @@ from zstack_mn.testing import servers
 from zstack_mn.testing.cluster import ClusterHarness
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-async def harness(tmp_path: Path, amqp_url: str, pg_database: str) -> AsyncIterator[ClusterHarness]:
-    h = ClusterHarness(tmp_path, amqp_url=amqp_url, database_url=pg_database, queue_prefix=f"f{uuid.uuid4().hex[:8]}")
-    try:
-        yield h
-    finally:
-        await h.close()
 
 
 class Load:
@@ -62,9 +50,7 @@ class Load:
 
 
 async def test_a_node_joining_under_load_takes_its_share_and_nothing_fails(harness: ClusterHarness):
-    nodes = await harness.start_nodes(3)
-    await harness.wait_until(lambda: harness.rings_agree({n.uuid for n in nodes}), 10, "rings agree")
-    client, vms = await setup_vms(harness, 40)
+    nodes, _, client, vms = await three_nodes_with_vms(harness, 40)
     async with Client.http(harness.urls(), timeout=60) as c:
         load = Load(c, vms)
         await asyncio.sleep(1)
@@ -83,9 +69,7 @@ async def test_a_node_joining_under_load_takes_its_share_and_nothing_fails(harne
 
 
 async def test_rolling_restart_costs_a_multi_url_client_nothing(harness: ClusterHarness):
-    nodes = await harness.start_nodes(3)
-    await harness.wait_until(lambda: harness.rings_agree({n.uuid for n in nodes}), 10, "rings agree")
-    client, vms = await setup_vms(harness, 24)
+    nodes, _, client, vms = await three_nodes_with_vms(harness, 24)
     async with Client.http(harness.urls(), timeout=60) as c:
         load = Load(c, vms)
         for old in list(nodes):
@@ -103,9 +87,7 @@ async def test_rolling_restart_costs_a_multi_url_client_nothing(harness: Cluster
 
 
 async def test_rabbitmq_restart_under_load_nodes_come_back(harness: ClusterHarness):
-    nodes = await harness.start_nodes(3)
-    await harness.wait_until(lambda: harness.rings_agree({n.uuid for n in nodes}), 10, "rings agree")
-    client, vms = await setup_vms(harness, 12)
+    nodes, _, client, vms = await three_nodes_with_vms(harness, 12)
     entry = nodes[0]
     local = {v for v in vms if HashRing({n.uuid for n in nodes}).owner_of(v) == entry.uuid}
     async with Client.http([entry.url], timeout=20) as c:
