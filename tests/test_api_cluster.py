@@ -14,6 +14,7 @@ from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Delivery, QueueKind
 from zstack_mn.client import Client
+from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ErrorCode, ZStackError, decode
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -27,8 +28,9 @@ async def cluster(harness: ClusterHarness) -> ClusterHarness:
     return harness
 
 
-async def exercise_every_api(client: Client, agent: str, tag: str) -> set[str]:
-    handled: set[str] = set()
+async def exercise_every_api(client: Client, agent: str, tag: str) -> dict[str, str]:
+    """Every API once; returns, per VM, the node that handled its stop (X-Handled-By / handledBy)."""
+    handled: dict[str, str] = {}
     h1 = await client.add_host(f"{tag}-h1", f"{agent}/hosts/{tag}-1")
     h2 = await client.add_host(f"{tag}-h2", f"{agent}/hosts/{tag}-2")
     assert h1["status"] == "Connected" and h1["totalCpuCapacity"] == 64
@@ -36,7 +38,7 @@ async def exercise_every_api(client: Client, agent: str, tag: str) -> set[str]:
     for vm in vms:
         assert vm["state"] == "Running" and vm["hostUuid"] == h1["uuid"]
         assert (await client.stop_vm(vm["uuid"]))["state"] == "Stopped"
-        handled.add(client.last_handled_by or "")
+        handled[vm["uuid"]] = client.last_handled_by or ""
         assert (await client.start_vm(vm["uuid"]))["state"] == "Running"
         assert (await client.reboot_vm(vm["uuid"]))["state"] == "Running"
         moved = await client.migrate_vm(vm["uuid"], h2["uuid"])
@@ -63,11 +65,17 @@ async def exercise_every_api(client: Client, agent: str, tag: str) -> set[str]:
     return handled
 
 
+def assert_handled_by_owners(cluster: ClusterHarness, handled: dict[str, str]) -> None:
+    """Each VM's operation ran on the node the ring names as its owner, whichever node took the call."""
+    ring = HashRing({n.uuid for n in cluster.nodes})
+    assert handled and all(node == ring.owner_of(vm) for vm, node in handled.items()), handled
+
+
 async def test_every_api_over_http_with_several_urls(cluster: ClusterHarness):
     assert cluster.agent is not None
     async with Client.http(cluster.urls()) as client:
         handled = await exercise_every_api(client, cluster.agent.url, "http")
-    assert len(handled) >= 2, "every VM was handled by one node: the ring does not spread work"
+    assert_handled_by_owners(cluster, handled)
 
 
 async def test_every_api_over_amqp(cluster: ClusterHarness):
@@ -77,7 +85,7 @@ async def test_every_api_over_amqp(cluster: ClusterHarness):
         handled = await exercise_every_api(client, cluster.agent.url, "amqp")
     finally:
         await client.close()
-    assert len(handled) >= 2
+    assert_handled_by_owners(cluster, handled)
 
 
 async def test_http_client_fails_over_to_a_live_node(cluster: ClusterHarness):
