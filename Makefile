@@ -29,7 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(SCENARIOS)
 
 fault-full: $(STAMP)
-	$(BIN)/python -m pytest -m slow --run-slow tests/test_faults.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m slow --run-slow tests/test_faults.py --fault-report benchmarks/results/faults-latest.json $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

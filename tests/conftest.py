@@ -13,14 +13,25 @@ from pathlib import Path
 
 import pytest
 
-from zstack_mn.testing import servers
-from zstack_mn.testing.cluster import ClusterHarness
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.memory import MemoryBroker, MemoryTransport
 from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Transport
+from zstack_mn.testing import servers
+from zstack_mn.testing.cluster import ClusterHarness
 
 _skipped: list[str] = []
+_fault_reports: list = []
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run the full randomized fault matrix (10 runs a row)")
+    parser.addoption("--fault-report", default=None, help="write the fault runs' reports here as JSON")
+
+
+@pytest.fixture(scope="session")
+def fault_reports() -> list:
+    return _fault_reports
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,7 +52,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         _skipped.append(item.nodeid)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    if _fault_reports:
+        from zstack_mn.testing.faults import format_summary, summarize, write_summary
+
+        terminalreporter.section("fault matrix (history checker)")
+        for report in _fault_reports:
+            terminalreporter.write_line(report.line())
+        summary = summarize(_fault_reports)
+        terminalreporter.write_line(format_summary(summary))
+        path = config.getoption("--fault-report")
+        if path:
+            write_summary(summary, Path(path))
+            terminalreporter.write_line(f"fault report written to {path}")
     if _skipped:
         bar = "!" * 78
         terminalreporter.write_line(bar, red=True, bold=True)

@@ -9,13 +9,13 @@ import uuid
 import httpx
 import pytest
 
-from zstack_mn.testing.cluster import ClusterHarness
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Delivery, QueueKind
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ErrorCode, ZStackError, decode
+from zstack_mn.testing.cluster import ClusterHarness
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
 

@@ -9,13 +9,13 @@ import uuid
 
 import pytest
 
-from zstack_mn.testing import servers
 from tests.test_bus import EchoMsg, EchoService
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.cloudbus import CloudBus
 from zstack_mn.bus.topology import Topology
 from zstack_mn.cluster.ring import LiveRing
 from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.testing import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -13,7 +13,15 @@ from pydantic import Field
 from zstack_mn.bus.cloudbus import CloudBus, Request
 from zstack_mn.bus.topology import Topology
 from zstack_mn.cluster.ring import LiveRing
-from zstack_mn.messages import Envelope, ErrorCode, Event, Message, ResourceUuid, ZStackError, decode
+from zstack_mn.messages import (
+    Envelope,
+    ErrorCode,
+    Event,
+    Message,
+    ResourceUuid,
+    ZStackError,
+    decode,
+)
 
 SERVICE = "echo"
 

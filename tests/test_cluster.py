@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tests.cluster_helpers import log_events, owned, three_nodes_with_vms
-from zstack_mn.testing.cluster import ClusterHarness
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
+from zstack_mn.testing.cluster import ClusterHarness
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
 

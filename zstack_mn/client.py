@@ -20,7 +20,16 @@ from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.cloudbus import _Pending
 from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Delivery, QueueKind
-from zstack_mn.messages import Envelope, ErrorCode, ErrorInfo, Message, ZStackError, decode, encode, new_id
+from zstack_mn.messages import (
+    Envelope,
+    ErrorCode,
+    ErrorInfo,
+    Message,
+    ZStackError,
+    decode,
+    encode,
+    new_id,
+)
 from zstack_mn.messages.api import (
     APIAddHostMsg,
     APICreateVmInstanceMsg,

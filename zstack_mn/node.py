@@ -24,7 +24,8 @@ from typing import Any
 import structlog
 
 from zstack_mn.agent.client import AgentClient
-from zstack_mn.agent.simulator import SimulatedAgent, create_app as create_agent_app
+from zstack_mn.agent.simulator import SimulatedAgent
+from zstack_mn.agent.simulator import create_app as create_agent_app
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.cloudbus import BusLimits, CloudBus
 from zstack_mn.bus.memory import MemoryTransport
@@ -148,7 +149,7 @@ class Node:
         limits = BusLimits(s.call_timeout, s.max_message_bytes, s.prefetch, s.max_hops)
         self.bus = CloudBus(self.uuid, self.transport, self.topology, ring=self.ring, limits=limits,
                             metrics=self.metrics, on_no_route=self._on_no_route)
-        self.agents = AgentClient(s.agent_timeout)
+        self.agents = AgentClient(s.agent_timeout, self.uuid)
         if s.run_embedded_agent:
             self.simulated_agent = SimulatedAgent()
             self.agent_server = EmbeddedServer(create_agent_app(self.simulated_agent), "127.0.0.1", s.embedded_agent_port)

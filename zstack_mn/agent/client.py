@@ -8,19 +8,22 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from zstack_mn.agent.protocol import HostFacts, VmList, VmOp, VmStatus
+from zstack_mn.agent.protocol import HostFacts, OpState, VmList, VmOp, VmStatus
 from zstack_mn.messages import ErrorCode, ZStackError
 
 T = TypeVar("T", bound=BaseModel)
+NODE_HEADER = "X-ZStack-Node"
 
 
 class AgentClient:
     """One pooled HTTP client for every agent this node talks to."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, node_uuid: str = "") -> None:
         self.timeout = timeout
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout), limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            headers={NODE_HEADER: node_uuid} if node_uuid else None,
         )
 
     async def close(self) -> None:
@@ -61,6 +64,10 @@ class AgentClient:
 
     async def vm_op(self, agent_url: str, vm_uuid: str, op: str, req: VmOp) -> VmStatus:
         return await self._request("POST", f"{agent_url}/vms/{vm_uuid}/{op}", VmStatus, req)
+
+    async def op_state(self, agent_url: str, op_id: str) -> str:
+        """``applied``, ``in_flight`` or ``unknown`` (see ``OpState``)."""
+        return (await self._request("GET", f"{agent_url}/ops/{op_id}", OpState)).state
 
     async def list_vms(self, agent_url: str) -> VmList:
         return await self._request("GET", f"{agent_url}/vms", VmList)

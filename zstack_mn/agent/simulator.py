@@ -5,22 +5,45 @@ takes nothing with it. Each VM operation carries an ``opId`` and is applied once
 repeat returns the first result and counts as a duplicate), which is what the fault suite checks
 for duplicated side effects. Latency, errors and outages can be injected per host and operation.
 
+Every VM operation carries a *fence*, the VM's version when the sending node took the operation;
+the agent refuses one lower than the highest it has seen for that VM, so a replaced owner's late
+request has no effect. Every VM operation is also audited: who sent it (the ``X-ZStack-Node`` header), when it entered
+and left (``time.monotonic``, the machine-wide clock the fault harness shares), and whether
+another operation on the same VM was in flight at the time. Two operations on one VM at once
+means two nodes (or one node twice) worked on one resource concurrently: dual ownership.
+
     zstack-mn agent --port 9100        # then AddHost with agentUrl http://127.0.0.1:9100/hosts/h1
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
-from dataclasses import dataclass, field
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Header, HTTPException
 
-from zstack_mn.agent.protocol import VM_DESTROYED, VM_RUNNING, VM_STOPPED, AgentFault, HostFacts, VmList, VmOp, VmStatus
+from zstack_mn.agent.protocol import (
+    OP_APPLIED,
+    OP_IN_FLIGHT,
+    OP_UNKNOWN,
+    VM_DESTROYED,
+    VM_RUNNING,
+    VM_STOPPED,
+    AgentFault,
+    HostFacts,
+    OpState,
+    VmList,
+    VmOp,
+    VmStatus,
+)
 
 VM_OPERATIONS = ("start", "stop", "reboot", "destroy", "migrate")
 DEFAULT_CPU = 64
 DEFAULT_MEMORY = 256 << 30
+AUDIT_LIMIT = 200_000
+REJECTED_STALE = "rejected:stale-fence"
 
 
 @dataclass
@@ -29,6 +52,20 @@ class SimulatedHost:
     cpu_num: int
     memory_size: int
     vms: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class AuditEntry:
+    """One VM operation as the agent saw it (monotonic seconds, machine-wide)."""
+
+    vm: str
+    node: str
+    op: str
+    op_id: str
+    entered: float
+    left: float | None = None
+    outcome: str = ""
+    overlapped_with: list[str] = field(default_factory=list)
 
 
 class SimulatedAgent:
@@ -42,6 +79,49 @@ class SimulatedAgent:
         self.effects: Counter[str] = Counter()
         self.duplicates = 0
         self.faults: list[AgentFault] = []
+        self.audit: deque[AuditEntry] = deque(maxlen=AUDIT_LIMIT)
+        self._in_flight: dict[str, list[AuditEntry]] = {}
+        self.fences: dict[str, int] = {}
+
+    def admit(self, vm_uuid: str, fence: int) -> bool:
+        """Fencing: refuse an operation whose fence is lower than the highest seen for the VM
+        (it comes from a node that has since been replaced as the VM's owner)."""
+        if fence < self.fences.get(vm_uuid, 0):
+            return False
+        self.fences[vm_uuid] = fence
+        return True
+
+    def reject(self, vm_uuid: str, node: str, op: str, op_id: str) -> None:
+        now = time.monotonic()
+        self.audit.append(AuditEntry(vm_uuid, node, op, op_id, now, now, REJECTED_STALE))
+
+    def enter(self, vm_uuid: str, node: str, op: str, op_id: str) -> AuditEntry:
+        """Record an operation entering; notes any operation on the same VM still in flight."""
+        entry = AuditEntry(vm_uuid, node, op, op_id, time.monotonic())
+        running = self._in_flight.setdefault(vm_uuid, [])
+        entry.overlapped_with = [f"{e.node}:{e.op}:{e.op_id}" for e in running]
+        running.append(entry)
+        self.audit.append(entry)
+        return entry
+
+    def leave(self, entry: AuditEntry, outcome: str) -> None:
+        entry.left, entry.outcome = time.monotonic(), outcome
+        running = self._in_flight.get(entry.vm, [])
+        if entry in running:
+            running.remove(entry)
+        if not running:
+            self._in_flight.pop(entry.vm, None)
+
+    def op_state(self, op_id: str) -> str:
+        """``applied``, ``in_flight`` (arrived, not applied yet) or ``unknown`` (never seen)."""
+        if op_id in self.applied:
+            return OP_APPLIED
+        if any(e.op_id == op_id for entries in self._in_flight.values() for e in entries):
+            return OP_IN_FLIGHT
+        return OP_UNKNOWN
+
+    def in_flight_by(self, node: str) -> int:
+        return sum(1 for entries in self._in_flight.values() for e in entries if e.node == node)
 
     def host(self, host_id: str) -> SimulatedHost:
         if host_id not in self.hosts:
@@ -118,11 +198,28 @@ def create_app(agent: SimulatedAgent | None = None) -> FastAPI:
         return VmList(vms=[VmStatus(uuid=u, state=s) for u, s in sim.host(host_id).vms.items()])
 
     @app.post("/hosts/{host_id}/vms/{vm_uuid}/{op}", response_model=VmStatus)
-    async def vm_op(host_id: str, vm_uuid: str, op: str, req: VmOp) -> VmStatus:
+    async def vm_op(
+        host_id: str, vm_uuid: str, op: str, req: VmOp, x_zstack_node: str = Header("", max_length=64)
+    ) -> VmStatus:
         if op not in VM_OPERATIONS:
             raise HTTPException(404, f"unknown operation {op}")
-        await sim.inject(host_id, op)
-        return sim.apply(host_id, vm_uuid, op, req)
+        if not sim.admit(vm_uuid, req.fence):
+            sim.reject(vm_uuid, x_zstack_node, op, req.op_id)
+            raise HTTPException(409, f"stale fence {req.fence} for vm {vm_uuid}: another node has taken it over")
+        entry = sim.enter(vm_uuid, x_zstack_node, op, req.op_id)
+        outcome = "error"
+        try:
+            await sim.inject(host_id, op)
+            repeat = req.op_id in sim.applied
+            result = sim.apply(host_id, vm_uuid, op, req)
+            outcome = f"duplicate:{result.state}" if repeat else result.state
+            return result
+        finally:
+            sim.leave(entry, outcome)
+
+    @app.get("/hosts/{host_id}/ops/{op_id}", response_model=OpState)
+    async def op_state(host_id: str, op_id: str) -> OpState:
+        return OpState(op_id=op_id, state=sim.op_state(op_id))
 
     @app.get("/admin/stats")
     async def stats() -> dict[str, object]:
@@ -131,6 +228,13 @@ def create_app(agent: SimulatedAgent | None = None) -> FastAPI:
             "duplicates": sim.duplicates,
             "vms": {vm: {"host": h.host_id, "state": s} for h in sim.hosts.values() for vm, s in h.vms.items()},
         }
+
+    @app.get("/admin/audit")
+    async def audit(node: str | None = None) -> dict[str, object]:
+        """The VM-operation audit; with ``node``, only how many of its operations are in flight."""
+        if node is not None:
+            return {"inFlight": sim.in_flight_by(node)}
+        return {"entries": [asdict(e) for e in sim.audit], "now": time.monotonic()}
 
     @app.put("/admin/faults")
     async def set_faults(faults: list[AgentFault]) -> dict[str, int]:

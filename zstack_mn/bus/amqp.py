@@ -25,9 +25,18 @@ from typing import Any
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
-from zstack_mn.bus.topology import DEAD_LETTER_MAX_LENGTH, NODE_QUEUE_EXPIRES_MS, Topology
+from zstack_mn.bus.topology import (
+    DEAD_LETTER_MAX_LENGTH,
+    NODE_QUEUE_EXPIRES_MS,
+    Topology,
+)
 from zstack_mn.bus.transport import (
     Delivery,
     Handler,
@@ -63,6 +72,7 @@ class AmqpTransport(Transport):
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._event_channel: AbstractChannel | None = None
+        self._probe_channel: AbstractChannel | None = None
         self._queues: dict[str, AbstractQueue] = {}
         self._consumer_channels: dict[str, AbstractChannel] = {}
         self._consumer_tags: dict[str, str] = {}
@@ -90,6 +100,26 @@ class AmqpTransport(Transport):
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._event_channel = await self._connection.channel(publisher_confirms=False)
         await self._declare_dead_letters()
+
+    async def probe(self, timeout: float) -> bool:
+        """A passive declare of the dead-letter exchange on a channel kept for this: one round
+        trip to the broker (on the raw channel: aio-pika answers a repeated declare from its
+        cache), which a black-holed connection never completes."""
+        if not self.connected:
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                if self._probe_channel is None or self._probe_channel.is_closed:
+                    self._probe_channel = await self._require().channel(publisher_confirms=False)
+                underlay = await self._probe_channel.get_underlay_channel()
+                await underlay.exchange_declare(self.topology.dead_letter_exchange, passive=True)
+            return True
+        except (TimeoutError, *_DOWN_ERRORS, aiormq.exceptions.AMQPError) as exc:
+            log.warning("broker probe failed", error=f"{type(exc).__name__}: {exc}")
+            channel, self._probe_channel = self._probe_channel, None
+            if channel is not None:
+                asyncio.get_running_loop().create_task(_close_quietly(channel))
+            return False
 
     def _closed(self, *_: Any) -> None:
         if self.on_disconnect is not None:

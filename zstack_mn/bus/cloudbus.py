@@ -29,8 +29,24 @@ import structlog
 
 from zstack_mn.bus.memory import topic_matches
 from zstack_mn.bus.topology import API_SERVICE, TOPIC_NODE_ALL, Topology
-from zstack_mn.bus.transport import Delivery, NoRouteError, QueueKind, RejectMessage, Transport, TransportDown
-from zstack_mn.messages import Envelope, ErrorCode, Event, Message, ZStackError, decode, encode, new_id
+from zstack_mn.bus.transport import (
+    Delivery,
+    NoRouteError,
+    QueueKind,
+    RejectMessage,
+    Transport,
+    TransportDown,
+)
+from zstack_mn.messages import (
+    Envelope,
+    ErrorCode,
+    Event,
+    Message,
+    ZStackError,
+    decode,
+    encode,
+    new_id,
+)
 from zstack_mn.metrics import NodeMetrics
 
 log = structlog.get_logger(__name__)

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from zstack_mn.bus.transport import Delivery, Handler, NoRouteError, QueueKind, RejectMessage, Transport
+from zstack_mn.bus.transport import (
+    Delivery,
+    Handler,
+    NoRouteError,
+    QueueKind,
+    RejectMessage,
+    Transport,
+)
 
 log = structlog.get_logger(__name__)
 

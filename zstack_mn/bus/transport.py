@@ -63,6 +63,11 @@ class Transport(ABC):
     @abstractmethod
     def connected(self) -> bool: ...
 
+    async def probe(self, timeout: float) -> bool:
+        """True when the broker answered a round trip within ``timeout``. A node that cannot
+        reach the broker withholds its heartbeat, so that its peers take its work over."""
+        return self.connected
+
     @abstractmethod
     async def start(self) -> None: ...
 

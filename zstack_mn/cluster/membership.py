@@ -3,15 +3,18 @@
 Protocol (see ARCHITECTURE.md):
 
 * join: liveness lock → row JOINING → (node declares queues, consumes) → RUNNING → *joined* event;
-* every ``heartbeat_interval`` (a timer without drift or overlap): write the heartbeat in database
-  time; a missing row means we were evicted; rebuild the ring from the RUNNING rows; evict peers
+* every ``heartbeat_interval`` (a timer without drift or overlap): probe the broker, and only if it
+  answered, write the heartbeat in database time (a node cut from the broker cannot serve, so it
+  lets its peers evict it and take its queues over); a missing row means we were evicted; rebuild the ring from the RUNNING rows; evict peers
   whose heartbeat is older than ``node_timeout`` or whose liveness lock is gone;
 * a node evicts only after its own heartbeat write succeeded in the same round, and only by
   timeout after ``node_timeout`` of uninterrupted own success (a database outage must not cause
   mass eviction); by liveness only once its own liveness session is a few rounds old (after a
   database restart every peer needs a round to take its lock again);
 * the node whose delete won rescues the evicted node's queues and broadcasts *left*;
-* fencing: ``fenced`` is true while our last successful heartbeat is older than ``fence_after``.
+* fencing: ``fenced`` is true while our last successful heartbeat is older than ``fence_after``,
+  counted from the start of the round that wrote it (never later than the database's own
+  timestamp, so the node fences itself no later than its peers could consider it dead).
 """
 
 from __future__ import annotations
@@ -125,7 +128,12 @@ class Membership:
             await asyncio.sleep(start + n * interval - now)
 
     async def round(self) -> None:
-        """One heartbeat round: write, reconcile the ring, evict the dead."""
+        """One heartbeat round: probe the broker, write, reconcile the ring, evict the dead."""
+        round_started = time.monotonic()
+        if not await self.bus.transport.probe(self._round_timeout):
+            self.healthy_since = None
+            log.warning("heartbeat withheld: the broker does not answer", fenced=self.fenced)
+            return
         try:
             alive = await asyncio.wait_for(
                 self.nodes.heartbeat(self.node_uuid, ring_digest(self.ring.ring)), self._round_timeout
@@ -138,7 +146,7 @@ class Membership:
             await self._handle_evicted()
             return
         now = time.monotonic()
-        self.last_success = now
+        self.last_success = round_started
         if self.healthy_since is None:
             self.healthy_since = now
             log.info("heartbeat written again")

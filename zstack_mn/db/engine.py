@@ -95,9 +95,11 @@ class Database:
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "database connection lost") from exc
-            if _sqlstate(exc) in RETRYABLE_SQLSTATES:
+            if _retryable(_sqlstate(exc)):
                 raise ZStackError(
-                    ErrorCode.DATABASE_UNAVAILABLE, "the database is busy (a lock or a conflict); retry", sqlstate=_sqlstate(exc)
+                    ErrorCode.DATABASE_UNAVAILABLE,
+                    f"the database is unavailable or busy (SQLSTATE {_sqlstate(exc)}); retry",
+                    sqlstate=_sqlstate(exc),
                 ) from exc
             raise
 
@@ -139,6 +141,17 @@ RETRYABLE_SQLSTATES = {
     "40001",  # serialization_failure
     "40P01",  # deadlock_detected
 }
+
+
+RETRYABLE_SQLSTATE_CLASSES = (
+    "08",  # connection_exception
+    "57P",  # operator intervention: admin/crash shutdown, "the database system is shutting down"
+    "53",  # insufficient resources: too many connections, out of memory
+)
+
+
+def _retryable(sqlstate: str | None) -> bool:
+    return sqlstate is not None and (sqlstate in RETRYABLE_SQLSTATES or sqlstate.startswith(RETRYABLE_SQLSTATE_CLASSES))
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:

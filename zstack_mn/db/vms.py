@@ -57,6 +57,12 @@ class VmRepository:
         )
         return result.first()
 
+    async def seconds_since_change(self, uuid: str) -> float | None:
+        """Seconds (database clock) since the row last changed; None when there is no row."""
+        async with self.db.begin() as conn:
+            row = (await conn.execute(select(self.db.age_seconds(VM.c.updated_at)).where(VM.c.uuid == uuid))).first()
+        return None if row is None else float(row[0])
+
     async def get_with_agent(self, uuid: str) -> Any | None:
         """The VM row plus ``agent_url`` of the host it is on (None without a host)."""
         async with self.db.begin() as conn:

@@ -11,7 +11,12 @@ from typing import ClassVar
 from pydantic import Field
 
 from zstack_mn.messages.base import Message, ResourceUuid
-from zstack_mn.messages.host import AddHostMsg, ChangeHostStateMsg, DeleteHostMsg, ReconnectHostMsg
+from zstack_mn.messages.host import (
+    AddHostMsg,
+    ChangeHostStateMsg,
+    DeleteHostMsg,
+    ReconnectHostMsg,
+)
 from zstack_mn.messages.vm import (
     CreateVmInstanceMsg,
     DestroyVmInstanceMsg,

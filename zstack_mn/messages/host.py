@@ -13,12 +13,14 @@ HOST = "host"
 
 
 class AddHostMsg(Message):
-    """Connect to a host's agent and record its capacity (creational: handled locally)."""
+    """Connect to a host's agent and record its capacity. Creational: the portal fills ``uuid``
+    from the request id, so every copy of one request meets on one node."""
 
     SERVICE: ClassVar[str] = HOST
     name: Name
     agent_url: str = Field(min_length=8, max_length=1024, pattern=r"^https?://")
     uuid: ResourceUuid | None = None
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
 
 
 class ReconnectHostMsg(Message):

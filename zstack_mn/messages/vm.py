@@ -13,7 +13,8 @@ VM = "vmInstance"
 
 
 class CreateVmInstanceMsg(Message):
-    """Create and start a VM (creational: handled by the node that received it)."""
+    """Create and start a VM. Creational: the portal fills ``uuid`` from the request id, so the
+    ring routes every copy of one request to one node, where they run serially."""
 
     SERVICE: ClassVar[str] = VM
     name: Name
@@ -21,6 +22,7 @@ class CreateVmInstanceMsg(Message):
     memory_size: ByteSize
     host_uuid: ResourceUuid | None = None
     uuid: ResourceUuid | None = None
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
 
 
 class _VmMsg(Message):

@@ -31,6 +31,7 @@ from zstack_mn.messages.api import (
 )
 from zstack_mn.messages.inventory import ManagementNodeInventory
 from zstack_mn.services.base import Service, ServiceContext
+from zstack_mn.services.ids import resource_uuid_for
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +95,7 @@ class ApiPortal(Service):
             stored = await self.results.get(request_id)
             if stored is not None:
                 return stored["body"], stored["handledBy"]
-        inner = msg.TARGET.model_validate(msg.model_dump())
+        inner = _with_resource_uuid(msg.TARGET.model_validate(msg.model_dump()), request_id)
         reply = await self.bus.call_envelope(inner, timeout=timeout, msg_id=request_id)
         if not reply.ok:
             assert reply.error is not None
@@ -137,6 +138,15 @@ class ApiPortal(Service):
             )
             for r in rows
         ]
+
+
+def _with_resource_uuid(msg: Message, request_id: str) -> Message:
+    """A creational message (its resource field left empty) gets the uuid derived from the
+    request id, so every copy and retry of one request is routed to the same owner."""
+    field = msg.RESOURCE_FIELD
+    if field is None or getattr(msg, field) is not None:
+        return msg
+    return msg.model_copy(update={field: resource_uuid_for(request_id)})
 
 
 def _filters(msg: Message, fields: tuple[str, ...]) -> dict[str, Any]:

@@ -19,7 +19,13 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from zstack_mn.bus.cloudbus import Request
-from zstack_mn.db.hosts import CONNECTED, DISCONNECTED, STATE_EVENTS, HostRepository, host_inventory
+from zstack_mn.db.hosts import (
+    CONNECTED,
+    DISCONNECTED,
+    STATE_EVENTS,
+    HostRepository,
+    host_inventory,
+)
 from zstack_mn.db.models import VmInstance
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.messages.events import HostStatusChangedEvent, VmStateChangedEvent
@@ -202,6 +208,8 @@ class HostService(Service):
                 await self._track_once()
             except asyncio.CancelledError:
                 raise
+            except ZStackError as exc:
+                log.warning("host tracker pass failed", error=exc.description)
             except Exception:
                 log.exception("host tracker pass failed")
             with contextlib.suppress(TimeoutError):

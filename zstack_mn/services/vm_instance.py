@@ -11,6 +11,7 @@ that is gone is reconciled by its new owner against the agent's real state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -18,7 +19,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from zstack_mn.agent.protocol import VmOp
+from zstack_mn.agent.protocol import OP_APPLIED, VmOp
 from zstack_mn.bus.cloudbus import Request
 from zstack_mn.db.hosts import HostRepository
 from zstack_mn.db.results import OPERATION_PREFIX, ResultRepository
@@ -27,10 +28,10 @@ from zstack_mn.messages import Envelope, ErrorCode, ZStackError
 from zstack_mn.messages.events import VmStateChangedEvent
 from zstack_mn.messages.host import AllocateHostMsg
 from zstack_mn.messages.vm import (
+    OPERATION_MESSAGES,
     VM,
     CreateVmInstanceMsg,
     DestroyVmInstanceMsg,
-    OPERATION_MESSAGES,
     MigrateVmMsg,
     RebootVmInstanceMsg,
     StartVmInstanceMsg,
@@ -43,6 +44,8 @@ from zstack_mn.services.ids import resource_uuid_for
 log = structlog.get_logger(__name__)
 
 RECONCILE_PAGE = 500
+TAKEOVER_MARGIN_S = 1.0
+TAKEOVER_POLL_S = 0.2
 
 
 class VmInstanceService(Service):
@@ -87,12 +90,19 @@ class VmInstanceService(Service):
 
     @handles(CreateVmInstanceMsg)
     async def create(self, msg: CreateVmInstanceMsg, req: Request) -> dict[str, Any]:
-        uuid = msg.uuid or resource_uuid_for(req.envelope.id)
+        if msg.uuid is not None:
+            return await self._create(msg.uuid, msg, req)
+        uuid = resource_uuid_for(req.envelope.id)
+        async with self.chains.serial(uuid):
+            return await self._create(uuid, msg, req)
+
+    async def _create(self, uuid: str, msg: CreateVmInstanceMsg, req: Request) -> dict[str, Any]:
+        """Insert the VM (Starting, capacity reserved) and start it; a copy of the same request
+        finds the row it made and resumes. Runs serially per ``uuid``."""
         existing = await self.vms.get(uuid)
         if existing is not None:
             if existing.op_id == req.envelope.id:
-                async with self.chains.serial(uuid):
-                    return await self._operate(uuid, "start", req)
+                return await self._operate(uuid, "start", req)
             raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid)
         for attempt in range(3):
             candidates = [msg.host_uuid] if msg.host_uuid else await self._candidates(msg.cpu_num, msg.memory_size, None, req)
@@ -117,8 +127,7 @@ class VmInstanceService(Service):
             except IntegrityError:
                 raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid) from None
         await self._event(uuid, None, s.STARTING, host)
-        async with self.chains.serial(uuid):
-            return await self._operate(uuid, "start", req)
+        return await self._operate(uuid, "start", req)
 
     @handles(StartVmInstanceMsg)
     async def start_vm(self, msg: StartVmInstanceMsg, req: Request) -> dict[str, Any]:
@@ -153,6 +162,9 @@ class VmInstanceService(Service):
         resuming = vm.op_id == op_id and vm.state == op.transient
         if vm.op_id == op_id and vm.state == op.final:
             return vm_inventory(vm).to_wire()
+        if resuming and vm.op_node != self.ctx.node_uuid:
+            await self._outlive_previous_call(vm, agent_url, req)
+            vm = await self._take_over(vm)
         if not resuming:
             before = vm.host_uuid
             vm = await self._begin(vm, name, req, target)
@@ -168,12 +180,52 @@ class VmInstanceService(Service):
                 agent_url,
                 uuid,
                 op.agent_op,
-                VmOp(op_id=op_id, cpu_num=vm.cpu_num, memory_size=vm.memory_size, target_host_id=target_id),
+                VmOp(op_id=op_id, fence=vm.version, cpu_num=vm.cpu_num, memory_size=vm.memory_size,
+                     target_host_id=target_id),
             )
         except ZStackError as exc:
             await self._settle_from_agent(vm, fallback_failed_start=name == "start")
             raise exc
         return await self._finish(vm, op, target_id)
+
+    async def _outlive_previous_call(self, vm: Any, agent_url: str | None, req: Request) -> None:
+        """Before resuming an operation another node began, make sure that node's agent call
+        for it is over: a dead or frozen node's request may still be on its way to the agent,
+        and two requests about one VM in flight at once is dual ownership. Over when the agent
+        has applied the op id; otherwise wait (asking again) until the previous owner's call
+        deadline, ``agent_timeout`` after the operation began in database time, has passed."""
+        if agent_url is None:
+            return
+        since = await self.vms.seconds_since_change(vm.uuid)
+        window_end = time.monotonic() + self.ctx.settings.agent_timeout + TAKEOVER_MARGIN_S - (since or 0.0)
+        req_end = req.deadline
+        waited = False
+        while (left := window_end - time.monotonic()) > 0:
+            try:
+                if await self.ctx.agents.op_state(agent_url, vm.op_id) == OP_APPLIED:
+                    return
+            except ZStackError:
+                pass
+            if req_end is not None and req_end - time.monotonic() < left:
+                raise ZStackError(
+                    ErrorCode.TIMEOUT,
+                    f"vm {vm.uuid}: the previous owner's agent call may still be running for {left:.1f}s; retry",
+                    uuid=vm.uuid,
+                )
+            if not waited:
+                log.info("waiting out the previous owner's agent call", vm=vm.uuid, seconds=round(left, 2),
+                         previous=vm.op_node)
+                waited = True
+            await asyncio.sleep(min(TAKEOVER_POLL_S, left))
+
+    async def _take_over(self, vm: Any) -> Any:
+        """Make this node the operation's node: a compare-and-set that raises the VM's version,
+        which is the fence the agent call carries, so the previous node's late call is refused."""
+        async with self.db.begin() as conn:
+            fresh = await self.vms.cas(conn, vm.uuid, vm.version, op_node=self.ctx.node_uuid)
+        if fresh is None:
+            raise ZStackError(ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} changed concurrently; retry")
+        return fresh
 
     async def _begin(self, vm: Any, name: str, req: Request, target: str | None) -> Any:
         """State machine check + capacity + CAS to the transient state, in one transaction."""
@@ -272,13 +324,18 @@ class VmInstanceService(Service):
         await self._event(vm.uuid, vm.state, state, values.get("host_uuid"))
 
     async def _reconcile_loop(self) -> None:
+        """A pass on every ring change, and every ``node_timeout`` for what a pass could not
+        finish (an operation whose request timed out while it waited for its previous owner)."""
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(self.ctx.settings.node_timeout, 1.0))
             self._wake.clear()
             try:
                 await self.reconcile_transient()
             except asyncio.CancelledError:
                 raise
+            except ZStackError as exc:
+                log.warning("vm reconcile pass failed", error=exc.description)
             except Exception:
                 log.exception("vm reconcile pass failed")
             await asyncio.sleep(min(self.ctx.settings.heartbeat_interval, 1.0))
@@ -310,6 +367,7 @@ class VmInstanceService(Service):
                         await self._operate(vm.uuid, name, req, target=vm.target_host_uuid)
                     except ZStackError as exc:
                         log.warning("could not finish a stranded operation", vm=vm.uuid, error=exc.description)
+                        continue
                     log.info("stranded operation finished by the new owner", vm=vm.uuid, operation=name)
                     settled += 1
 

@@ -1,0 +1,400 @@
+"""The rows of FAULTS.md: how each fault is injected into a running cluster, and what it may cost
+the clients. A row's ``inject`` runs while the load runs; it records problems (expectations of
+its own, such as "nobody was evicted") and measures (detection times, pause lengths) on ``Run``.
+``zstack_mn.testing.faults`` runs the rows and checks the history."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.cluster.ring import HashRing
+from zstack_mn.messages import ErrorCode
+from zstack_mn.testing import servers
+from zstack_mn.testing.cluster import ClusterHarness, Proc
+from zstack_mn.testing.history import OK, History, make_client
+from zstack_mn.testing.observer import Observer
+from zstack_mn.testing.proxy import CutProxy
+
+HEARTBEAT_S = 0.5
+NODE_TIMEOUT_S = 3.0
+DEADLINE_S = 30.0
+ATTEMPT_TIMEOUT_S = 4.0
+AGENT_LATENCY_S = 0.02
+AGENT_TIMEOUT_S = 3.0
+DETECTION_BOUND_S = 20.0
+RETRYABLE_CODES = frozenset(c.name for c in ErrorCode if c.retryable)
+LATENCY_OPS = ("start", "stop", "reboot")
+
+
+@dataclass
+class Run:
+    """Everything a row's fault needs, and what it reports back."""
+
+    harness: ClusterHarness
+    nodes: list[Proc]
+    rng: random.Random
+    observer: Observer
+    agent_url: str
+    history: History
+    vms: list[str]
+    proxies: dict[str, CutProxy] = field(default_factory=dict)
+    ring_at_injection: HashRing | None = None
+    victim: Proc | None = None
+    victim_uuid: str = ""
+    injected_at: float = 0.0
+    measures: dict[str, Any] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def expect(self, ok: bool, problem: str) -> None:
+        if not ok:
+            self.problems.append(problem)
+
+    async def wait_for(self, predicate: Callable[[], Any], bound: float, what: str) -> float | None:
+        """Seconds until ``predicate()`` held, or None (and a problem) past ``bound``."""
+        try:
+            return await self.harness.wait_until(predicate, bound, what)
+        except TimeoutError:
+            self.problems.append(f"{what}: not within {bound:g}s")
+            return None
+
+    def gone(self, uuid: str) -> bool:
+        return uuid in self.observer.timeline.gone_at
+
+    async def set_agent_faults(self, faults: list[AgentFault]) -> None:
+        async with httpx.AsyncClient(timeout=5) as http:
+            body = [f.model_dump(mode="json", by_alias=True) for f in faults]
+            (await http.put(f"{self.agent_url}/admin/faults", json=body)).raise_for_status()
+
+    async def agent_in_flight(self, node: str) -> int:
+        async with httpx.AsyncClient(timeout=5) as http:
+            return int((await http.get(f"{self.agent_url}/admin/audit", params={"node": node})).json()["inFlight"])
+
+
+Inject = Callable[[Run], Awaitable[None]]
+Prepare = Callable[["RunSetup"], Awaitable[dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the matrix: how to inject the fault and what it may cost the clients."""
+
+    name: str
+    summary: str
+    inject: Inject
+    allowed_errors: frozenset[str] = frozenset()
+    special_node: Prepare | None = None
+
+
+@dataclass
+class RunSetup:
+    """What a row's special node is prepared with (before any node starts)."""
+
+    harness: ClusterHarness
+    rng: random.Random
+    proxies: dict[str, CutProxy]
+    measures: dict[str, Any]
+
+
+# ---------------------------------------------------------------- the faults
+
+async def _sigkill(run: Run) -> None:
+    victim = run.victim = run.rng.choice(run.nodes)
+    run.victim_uuid = victim.uuid
+    victim.signal(signal.SIGKILL)
+    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
+                       "survivors' rings drop the killed node")
+
+
+async def _sigstop_short(run: Run) -> None:
+    victim = run.victim = run.rng.choice(run.nodes)
+    run.victim_uuid = victim.uuid
+    pause = run.rng.uniform(0.2, 0.6) * NODE_TIMEOUT_S
+    run.measures["pause_s"] = round(pause, 2)
+    victim.signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(pause)
+    finally:
+        victim.signal(signal.SIGCONT)
+    await asyncio.sleep(2 * HEARTBEAT_S)
+    run.expect(not run.gone(victim.uuid), "a node paused for less than node_timeout was evicted")
+
+
+async def _sigstop_long(run: Run) -> None:
+    victim = run.victim = run.rng.choice(run.nodes)
+    run.victim_uuid = victim.uuid
+    victim.signal(signal.SIGSTOP)
+    try:
+        await run.wait_for(lambda: run.gone(victim.uuid), DETECTION_BOUND_S, "the paused node is evicted")
+        await asyncio.sleep(run.rng.uniform(0.0, 2.0))
+    finally:
+        victim.signal(signal.SIGCONT)
+    await run.wait_for(lambda: _rejoined(run, victim), 30, "the woken node rejoins under a new uuid")
+
+
+async def _rejoined(run: Run, proc: Proc) -> bool:
+    try:
+        now = await run.harness.current_uuid(proc)
+    except (TimeoutError, RuntimeError):
+        return False
+    if now != run.victim_uuid and now in run.observer.timeline.running_at_end():
+        proc.uuid = now
+        return True
+    return False
+
+
+async def _sigterm(run: Run) -> None:
+    victim = run.victim = run.rng.choice(run.nodes)
+    run.victim_uuid = victim.uuid
+    victim.signal(signal.SIGTERM)
+    code = await asyncio.to_thread(victim.popen.wait, 60)
+    run.expect(code == 0, f"SIGTERM exit status {code}")
+    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
+                       "peers see the stopped node leave")
+
+
+async def _rolling_restart(run: Run) -> None:
+    for old in list(run.nodes):
+        old.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(old.popen.wait, 60)
+        run.expect(code == 0, f"{old.name}: SIGTERM exit status {code}")
+        new = await run.harness.start_node(port=old.port)
+        run.nodes[run.nodes.index(old)] = new
+        await run.wait_for(lambda new=new: run.observer.timeline.first_with(new.uuid, time.monotonic() - 1), 15,
+                           f"{new.name} in every ring")
+
+
+async def _join(run: Run) -> None:
+    newcomer = await run.harness.start_node()
+    run.victim_uuid = newcomer.uuid
+    took = await run.wait_for(lambda: run.observer.timeline.first_with(newcomer.uuid, run.injected_at), 15,
+                              "every ring has the newcomer")
+    before = HashRing({n.uuid for n in run.nodes})
+    after = HashRing({n.uuid for n in run.nodes} | {newcomer.uuid})
+    moved = [v for v in run.vms if before.owner_of(v) != after.owner_of(v)]
+    run.expect(all(after.owner_of(v) == newcomer.uuid for v in moved), "a VM moved between two old nodes")
+    run.measures.update(moved=len(moved), of=len(run.vms), ring_s=took and round(took, 2))
+    run.nodes.append(newcomer)
+
+
+async def _rabbitmq_restart(run: Run) -> None:
+    down = run.rng.uniform(1.0, 5.0)
+    run.measures["down_s"] = round(down, 2)
+    stopped = await asyncio.to_thread(servers.rabbitmqctl, "stop_app")
+    try:
+        run.expect(stopped.returncode == 0, f"rabbitmqctl stop_app: {stopped.stderr.strip()}")
+        await asyncio.sleep(down)
+    finally:
+        started = await asyncio.to_thread(servers.rabbitmqctl, "start_app")
+    run.expect(started.returncode == 0, f"rabbitmqctl start_app: {started.stderr.strip()}")
+    took = await run.wait_for(lambda: _all_ready(run), 30, "every node's bus is back")
+    run.measures["consumers_back_s"] = took and round(took, 2)
+
+
+async def _postgres_restart(run: Run) -> None:
+    down = run.rng.uniform(1.0, 8.0)
+    run.measures["down_s"] = round(down, 2)
+    stopped = await asyncio.to_thread(servers.pg_ctl, "stop", "-m", "immediate")
+    try:
+        run.expect(stopped.returncode == 0, f"pg_ctlcluster stop: {stopped.stderr.strip()}")
+        await asyncio.sleep(down)
+    finally:
+        started = await asyncio.to_thread(servers.pg_ctl, "start")
+    run.expect(started.returncode == 0, f"pg_ctlcluster start: {started.stderr.strip()}")
+    await run.wait_for(lambda: _all_ready(run), 30, "every node ready again")
+    run.expect(not any(run.gone(n.uuid) for n in run.nodes), "a database restart evicted a node")
+
+
+async def _all_ready(run: Run) -> bool:
+    async with httpx.AsyncClient(timeout=2) as http:
+        for n in run.nodes:
+            if not n.alive:
+                return False
+            try:
+                if (await http.get(n.url + "/readyz")).status_code != 200:
+                    return False
+            except httpx.HTTPError:
+                return False
+    return True
+
+
+def _proxied(service: str) -> Prepare:
+    async def prepare(setup: RunSetup) -> dict[str, str]:
+        h = setup.harness
+        url = h.amqp_url if service == "broker" else h.database_url
+        parts = urlsplit(url)
+        proxy = CutProxy(parts.hostname or "127.0.0.1", parts.port or (5672 if service == "broker" else 5432))
+        port = await proxy.start()
+        setup.proxies[service] = proxy
+        netloc = parts.netloc.rsplit(":", 1)[0] if parts.port else parts.netloc
+        proxied = urlunsplit(parts._replace(netloc=f"{netloc}:{port}"))
+        key = "ZSTACK_MN_BROKER_URL" if service == "broker" else "ZSTACK_MN_DATABASE_URL"
+        return {key: proxied}
+
+    return prepare
+
+
+def _cut(service: str) -> Inject:
+    async def inject(run: Run) -> None:
+        victim = run.victim = run.nodes[-1]
+        run.victim_uuid = victim.uuid
+        proxy = run.proxies[service]
+        length = run.rng.uniform(2.0, 4.0) * NODE_TIMEOUT_S
+        run.measures["cut_s"] = round(length, 2)
+        proxy.cut()
+        try:
+            await asyncio.sleep(length)
+        finally:
+            proxy.heal()
+        evicted = run.gone(victim.uuid)
+        run.measures["evicted"] = evicted
+        run.expect(evicted, f"a node cut from the {service} for {length:.1f}s was not evicted")
+        await run.wait_for(lambda: _rejoined(run, victim), 40, "the cut node rejoins after the cut heals")
+
+    return inject
+
+
+async def _skewed_clock(setup: RunSetup) -> dict[str, str]:
+    minutes = setup.rng.choice([-1, 1]) * setup.rng.randint(2, 10)
+    setup.measures["skew_min"] = minutes
+    return faketime_env(f"{minutes * 60:+d}")
+
+
+def faketime_env(offset: str) -> dict[str, str]:
+    """Environment that runs a process with its wall clock ``offset`` seconds off (libfaketime
+    from PyPI, built at install; the monotonic clock stays true)."""
+    import libfaketime
+
+    _, env = libfaketime.get_reload_information()
+    return {**env, "FAKETIME": offset, "DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+async def _clock_skew(run: Run) -> None:
+    skewed = run.nodes[-1]
+    await asyncio.sleep(4 * NODE_TIMEOUT_S)
+    run.expect(not run.gone(skewed.uuid), "the node with a skewed clock was evicted")
+    victim = run.victim = run.rng.choice(run.nodes[:-1])
+    run.victim_uuid = victim.uuid
+    run.injected_at = time.monotonic()
+    victim.signal(signal.SIGKILL)
+    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
+                       "a killed node is evicted while another node's clock is skewed")
+
+
+async def _duplicate_delivery(run: Run) -> None:
+    """The same request (one idempotency key, so one message id) sent to every node at once."""
+    live = [n for n in run.nodes if n.alive]
+    clients = [make_client([n.url], DEADLINE_S, ATTEMPT_TIMEOUT_S) for n in live]
+    try:
+        for _ in range(4):
+            key = str(uuidlib.uuid4())
+            ops = await asyncio.gather(*(
+                run.history.record(-2, "create", "", lambda k, c=c: c.create_vm("dup", cpu_num=1, memory_size="64M", key=k),
+                                   key=key)
+                for c in clients
+            ))
+            vms = {op.vm for op in ops if op.outcome == OK}
+            run.expect(len(vms) == 1 and all(op.outcome == OK for op in ops),
+                       f"one create sent to {len(ops)} nodes gave {[(op.outcome, op.vm) for op in ops]}")
+            if len(vms) != 1:
+                continue
+            vm = vms.pop()
+            key = str(uuidlib.uuid4())
+            ops = await asyncio.gather(*(
+                run.history.record(-2, "stop", vm, lambda k, c=c: c.stop_vm(vm, key=k), key=key) for c in clients
+            ))
+            run.expect(all(op.outcome == OK and op.state == "Stopped" for op in ops),
+                       f"one stop sent to {len(ops)} nodes gave {[(op.outcome, op.code) for op in ops]}")
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def _kill_between_effect_and_ack(run: Run) -> None:
+    """SIGKILL a node while the agent is applying its operations: the effect lands, the ack never."""
+    victim = run.victim = run.rng.choice(run.nodes)
+    run.victim_uuid = victim.uuid
+    await run.set_agent_faults([AgentFault(op=op, latency=1.0) for op in LATENCY_OPS])
+    try:
+        await run.wait_for(lambda: _has_in_flight(run, victim.uuid), 15, "the victim has agent calls in flight")
+        run.measures["in_flight_at_kill"] = await run.agent_in_flight(victim.uuid)
+        victim.signal(signal.SIGKILL)
+        await asyncio.sleep(1.2)
+    finally:
+        await run.set_agent_faults([AgentFault(op=op, latency=AGENT_LATENCY_S) for op in LATENCY_OPS])
+    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
+                       "survivors' rings drop the killed node")
+
+
+async def _has_in_flight(run: Run, node: str) -> bool:
+    return await run.agent_in_flight(node) > 0
+
+
+async def _poison(run: Run) -> None:
+    """Raw garbage on the API queue and on a node's vmInstance queue, some with a reply-to."""
+    import aio_pika
+
+    from zstack_mn.bus.topology import Topology
+
+    topo = Topology(run.harness.queue_prefix)
+    target = run.victim = run.rng.choice(run.nodes)
+    run.victim_uuid = target.uuid
+    bodies = [b"{not json", b"\xff\xfe\x00", b'{"type": "NoSuchMsg", "body": {}}', b"[]", b'{"id": 1}', b"x" * 300_000]
+    conn = await aio_pika.connect(run.harness.amqp_url, timeout=10)
+    try:
+        ch = await conn.channel()
+        reply = await ch.declare_queue("", exclusive=True, auto_delete=True)
+        sent_with_reply = 0
+        for i, body in enumerate(bodies * 3):
+            queue = topo.api_queue if i % 2 else topo.service_queue("vmInstance", target.uuid)
+            reply_to = reply.name if i % 3 == 0 else None
+            sent_with_reply += reply_to is not None
+            await ch.default_exchange.publish(
+                aio_pika.Message(body, message_id=f"poison-{i}", correlation_id=f"poison-{i}", reply_to=reply_to),
+                routing_key=queue,
+            )
+        got = 0
+        deadline = time.monotonic() + 15
+        while got < sent_with_reply and time.monotonic() < deadline:
+            msg = await reply.get(no_ack=True, fail=False)
+            if msg is None:
+                await asyncio.sleep(0.1)
+                continue
+            got += 1
+            run.expect(b"error" in msg.body.lower(), f"a poison message got a non-error reply: {msg.body[:100]!r}")
+        run.measures["error_replies"] = f"{got}/{sent_with_reply}"
+        run.expect(got == sent_with_reply, f"{sent_with_reply - got} poison messages with a reply-to got no error reply")
+        dead = await ch.declare_queue(topo.dead_letter_queue, passive=True)
+        run.measures["dead_lettered"] = dead.declaration_result.message_count
+    finally:
+        await conn.close()
+    run.expect(all(n.alive for n in run.nodes), "a node died of a poison message")
+
+
+ROWS: dict[str, Row] = {r.name: r for r in (
+    Row("sigkill", "SIGKILL one of three nodes", _sigkill),
+    Row("sigstop-short", "SIGSTOP shorter than node_timeout, then SIGCONT", _sigstop_short),
+    Row("sigstop-long", "SIGSTOP longer than node_timeout, then SIGCONT", _sigstop_long),
+    Row("sigterm", "SIGTERM one node", _sigterm),
+    Row("rolling-restart", "every node SIGTERM'd and started again in turn", _rolling_restart),
+    Row("join", "a fourth node joins under load", _join),
+    Row("rabbitmq-restart", "rabbitmqctl stop_app / start_app", _rabbitmq_restart, RETRYABLE_CODES),
+    Row("postgres-restart", "pg_ctlcluster stop -m immediate / start", _postgres_restart, RETRYABLE_CODES),
+    Row("broker-cut", "one node cut from RabbitMQ (black-holing proxy)", _cut("broker"), special_node=_proxied("broker")),
+    Row("db-cut", "one node cut from PostgreSQL (black-holing proxy)", _cut("database"), special_node=_proxied("database")),
+    Row("clock-skew", "one node's wall clock minutes off (libfaketime), then another node killed", _clock_skew,
+        special_node=_skewed_clock),
+    Row("duplicate-delivery", "one request (one message id) sent to every node at once", _duplicate_delivery),
+    Row("kill-after-effect", "SIGKILL a node between the agent's effect and the ack", _kill_between_effect_and_ack),
+    Row("poison", "raw garbage on the API queue and a service queue", _poison),
+)}

@@ -1,0 +1,298 @@
+"""The fault matrix of FAULTS.md, run against real ``zstack-mn`` processes, the real RabbitMQ and
+PostgreSQL, and a simulated agent, and judged by the history checker.
+
+One *run* of a *row*: three nodes (the row may route one of them through a cut-able proxy or a
+skewed clock), an agent with two hosts, VMs, steady load from several clients; the fault at a
+random moment; more load; quiescence; then the checker. Each run uses its own database and
+queue prefix, and every process and server it touched is restored when it ends, even on failure.
+
+    python -m zstack_mn.testing.faults                      # every row once
+    python -m zstack_mn.testing.faults sigkill db-cut --runs 10 --json faults.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+
+from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.cluster.ring import HashRing
+from zstack_mn.db.engine import Database
+from zstack_mn.db.models import VmInstance
+from zstack_mn.services.vm_states import TRANSIENT
+from zstack_mn.testing import servers
+from zstack_mn.testing.checker import AgentView, check, read_database
+from zstack_mn.testing.cluster import ClusterHarness
+from zstack_mn.testing.fault_rows import (
+    AGENT_LATENCY_S,
+    AGENT_TIMEOUT_S,
+    ATTEMPT_TIMEOUT_S,
+    DEADLINE_S,
+    HEARTBEAT_S,
+    LATENCY_OPS,
+    NODE_TIMEOUT_S,
+    ROWS,
+    Row,
+    Run,
+    RunSetup,
+)
+from zstack_mn.testing.history import OK, History, Workload, make_client
+from zstack_mn.testing.observer import Observer
+from zstack_mn.testing.proxy import CutProxy
+
+QUIESCE_BOUND_S = 60.0
+RUN_BOUND_S = 300.0
+
+
+@dataclass
+class Report:
+    row: str
+    seed: int
+    holds: bool
+    verdict: dict[str, Any]
+    problems: list[str]
+    measures: dict[str, Any]
+    seconds: float
+
+    def line(self) -> str:
+        c = self.verdict["counts"]
+        m = ", ".join(f"{k} {v}" for k, v in self.measures.items())
+        status = "HOLDS" if self.holds else "FAILS"
+        return (
+            f"{status:5} {self.row:18} seed {self.seed:<10} ops {self.verdict['ops']:4} ok {self.verdict['ok']:4} "
+            f"errors {sum(self.verdict['errors'].values()):3} lost {c['lost']} hung {c['hung']} dup {c['duplicated']} "
+            f"dual {c['dual_ownership']} stranded {c['stranded']} diverged {c['diverged']} "
+            f"(stale refused {self.verdict['stale_rejected']}, repeats absorbed {self.verdict['stale_absorbed']})  {m}"
+        )
+
+
+async def run_row(
+    row: Row,
+    workdir: Path,
+    *,
+    amqp_url: str,
+    database_url: str,
+    seed: int | None = None,
+    vms: int = 24,
+    workers: int = 6,
+    load_after_s: float = 3.0,
+) -> Report:
+    """One run of ``row`` in a cluster of its own (database and queue prefix given/derived)."""
+    seed = seed if seed is not None else random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    started = time.monotonic()
+    harness = ClusterHarness(
+        workdir, amqp_url=amqp_url, database_url=database_url, queue_prefix=f"f{uuidlib.uuid4().hex[:8]}",
+        heartbeat=HEARTBEAT_S, node_timeout=NODE_TIMEOUT_S, env={"ZSTACK_MN_AGENT_TIMEOUT": str(AGENT_TIMEOUT_S)},
+    )
+    proxies: dict[str, CutProxy] = {}
+    observer = Observer(database_url)
+    workload: Workload | None = None
+    try:
+        agent_url = await harness.start_agent()
+        measures: dict[str, Any] = {}
+        special = await row.special_node(RunSetup(harness, rng, proxies, measures)) if row.special_node else None
+        nodes = await harness.start_nodes(3 if special is None else 2)
+        if special is not None:
+            nodes.append(await harness.start_node(extra_env=special))
+        await harness.wait_until(lambda: harness.rings_agree({n.uuid for n in nodes}), 15, "rings agree")
+        observer.start()
+        history = History(DEADLINE_S)
+        vm_states = await _setup_vms(harness, agent_url, history, vms)
+        run = Run(harness, nodes, rng, observer, agent_url, history, list(vm_states), proxies, measures=measures)
+        await run.set_agent_faults([AgentFault(op=op, latency=AGENT_LATENCY_S) for op in LATENCY_OPS])
+        workload = Workload(harness.urls(nodes), vm_states, history, workers=workers,
+                            attempt_timeout=ATTEMPT_TIMEOUT_S, seed=seed)
+        await asyncio.sleep(rng.uniform(1.0, 3.0))
+        run.ring_at_injection = HashRing({n.uuid for n in nodes})
+        run.injected_at = time.monotonic()
+        await row.inject(run)
+        await asyncio.sleep(load_after_s)
+        await workload.stop()
+        workload = None
+        await _quiesce(run)
+        verdict = check(history.ops, *await read_database(database_url), await _agent_view(agent_url),
+                        observer.timeline.gone_at)
+        _measure(run)
+        unexpected = {c: n for c, n in verdict.errors.items() if c not in row.allowed_errors}
+        run.expect(not unexpected, f"errors a client should not see under this fault: {unexpected}")
+        return Report(row.name, seed, verdict.holds and not run.problems, verdict.as_json(), run.problems,
+                      run.measures, round(time.monotonic() - started, 1))
+    finally:
+        if workload is not None:
+            with contextlib.suppress(Exception):
+                await workload.stop()
+        await observer.close()
+        for proxy in proxies.values():
+            proxy.heal()
+        await harness.close()
+        for proxy in proxies.values():
+            await proxy.close()
+
+
+async def _setup_vms(harness: ClusterHarness, agent_url: str, history: History, count: int) -> dict[str, str]:
+    client = make_client(harness.urls(), DEADLINE_S, ATTEMPT_TIMEOUT_S)
+    try:
+        for i in range(2):
+            await client.add_host(f"h{i}", f"{agent_url}/hosts/h{i}")
+        ops = await asyncio.gather(*(
+            history.record(-1, "create", "", lambda k, i=i: client.create_vm(f"vm{i}", cpu_num=1, memory_size="64M", key=k))
+            for i in range(count)
+        ))
+    finally:
+        await client.close()
+    failed = [op for op in ops if op.outcome != OK]
+    if failed:
+        raise RuntimeError(f"setup: {len(failed)} creates failed: {failed[:3]}")
+    return {op.vm: op.state or "Running" for op in ops}
+
+
+async def _quiesce(run: Run) -> None:
+    """Wait until no VM is in a transient state and the live nodes' rings agree (bounded)."""
+    db = Database(run.harness.database_url, timeout=5)
+
+    async def settled() -> bool:
+        t = VmInstance.__table__
+        async with db.begin() as conn:
+            busy = (await conn.execute(select(func.count()).where(t.c.state.in_(TRANSIENT)))).scalar_one()
+        live = {n.uuid for n in run.nodes if n.alive}
+        return busy == 0 and await run.harness.rings_agree(live)
+
+    try:
+        await run.wait_for(settled, QUIESCE_BOUND_S, "quiescence (no transient VM, rings agree)")
+    finally:
+        await db.close()
+
+
+async def _agent_view(agent_url: str) -> AgentView:
+    async with httpx.AsyncClient(timeout=30) as http:
+        stats = (await http.get(f"{agent_url}/admin/stats")).json()
+        audit = (await http.get(f"{agent_url}/admin/audit")).json()
+    return AgentView(stats["effects"], stats["vms"], audit["entries"])
+
+
+def _measure(run: Run) -> None:
+    """Detection and take-over times for rows with a victim (seconds from the injection)."""
+    if run.victim is None or run.ring_at_injection is None:
+        return
+    dropped = run.observer.timeline.first_without(run.victim_uuid, run.injected_at)
+    if dropped is not None:
+        run.measures["detect_s"] = round(dropped - run.injected_at, 2)
+    owned = {v for v in run.vms if run.ring_at_injection.owner_of(v) == run.victim_uuid}
+    served = [op for op in run.history.ops
+              if op.vm in owned and op.outcome == OK and op.answered and op.sent >= run.injected_at]
+    if served:
+        run.measures["served_again_s"] = round(min(op.answered for op in served) - run.injected_at, 2)
+    by_others = [op.answered for op in served if op.handled_by not in (None, run.victim_uuid)]
+    if by_others:
+        run.measures["takeover_s"] = round(min(by_others) - run.injected_at, 2)
+
+
+# ---------------------------------------------------------------- command line
+
+async def run_isolated(row: Row, workdir: Path, seed: int | None) -> Report:
+    """A run with its own vhost and database, both removed afterwards."""
+    vhost = servers.new_vhost()
+    db_name = await servers.create_database()
+    try:
+        return await asyncio.wait_for(
+            run_row(row, workdir, amqp_url=servers.amqp_url(vhost), database_url=servers.pg_url(db_name), seed=seed),
+            RUN_BOUND_S,
+        )
+    finally:
+        await servers.drop_database(db_name)
+        servers.delete_vhost(vhost)
+
+
+def summarize(reports: list[Report]) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    for r in reports:
+        s = rows.setdefault(r.row, {"runs": 0, "held": 0, "lost": 0, "hung": 0, "duplicated": 0, "dual_ownership": 0,
+                                    "detect_s": [], "takeover_s": []})
+        s["runs"] += 1
+        s["held"] += r.holds
+        for k in ("lost", "hung", "duplicated", "dual_ownership"):
+            s[k] += r.verdict["counts"][k]
+        for k in ("detect_s", "takeover_s"):
+            if k in r.measures:
+                s[k].append(r.measures[k])
+    for s in rows.values():
+        for k in ("detect_s", "takeover_s"):
+            vals = sorted(s.pop(k))
+            s[k] = {"min": vals[0], "median": vals[len(vals) // 2], "max": vals[-1]} if vals else None
+    return {"rows": rows, "runs": [r.__dict__ for r in reports]}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The per-row table a person reads: runs that held, violation totals, detection and
+    take-over times (seconds from the injection, min/median/max)."""
+    lines = ["row                held   lost hung dup dual   detect s min/med/max   take-over s min/med/max"]
+    for name, s in summary["rows"].items():
+        d = s["detect_s"] and "/".join(f"{s['detect_s'][k]:.2f}" for k in ("min", "median", "max"))
+        t = s["takeover_s"] and "/".join(f"{s['takeover_s'][k]:.2f}" for k in ("min", "median", "max"))
+        lines.append(f"{name:18} {s['held']:3}/{s['runs']:<3} {s['lost']:4} {s['hung']:4} {s['duplicated']:3} "
+                     f"{s['dual_ownership']:4}   {d or '-':22} {t or '-'}")
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, default=str))
+
+
+async def _main(names: list[str], runs: int, seed: int | None, out: Path | None, workdir: Path) -> int:
+    reports = []
+    for name in names:
+        for i in range(runs):
+            run_dir = workdir / f"{name}-{i}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            report = await run_isolated(ROWS[name], run_dir, None if seed is None else seed + i)
+            reports.append(report)
+            print(report.line(), flush=True)
+            for p in report.problems:
+                print(f"      problem: {p}", flush=True)
+            for kind, examples in [*report.verdict["examples"].items(), *report.verdict["error_examples"].items()]:
+                print(f"      {kind}: {examples}", flush=True)
+    summary = summarize(reports)
+    print("\n" + format_summary(summary))
+    if out is not None:
+        write_summary(summary, out)
+        print(f"\nwritten: {out}")
+    return 0 if all(r.holds for r in reports) else 1
+
+
+def main() -> None:
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", nargs="*", help=f"rows to run (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each row, each at a random moment")
+    parser.add_argument("--seed", type=int, default=None, help="first seed (run i uses seed + i)")
+    parser.add_argument("--json", type=Path, default=None, help="write the summary and every run here")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="keep node logs in this directory")
+    args = parser.parse_args()
+    names = args.rows or list(ROWS)
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.keep_logs:
+        raise SystemExit(asyncio.run(_main(names, args.runs, args.seed, args.json, args.keep_logs)))
+    with tempfile.TemporaryDirectory(prefix="zstack-faults-") as tmp:
+        raise SystemExit(asyncio.run(_main(names, args.runs, args.seed, args.json, Path(tmp))))
+
+
+if __name__ == "__main__":
+    main()
