@@ -3,10 +3,11 @@
 Protocol (see ARCHITECTURE.md):
 
 * join: liveness lock → row JOINING → (node declares queues, consumes) → RUNNING → *joined* event;
-* every ``heartbeat_interval`` (a timer without drift or overlap): probe the broker, and only if it
-  answered, write the heartbeat in database time (a node cut from the broker cannot serve, so it
-  lets its peers evict it and take its queues over); a missing row means we were evicted; rebuild the ring from the RUNNING rows; evict peers
-  whose heartbeat is older than ``node_timeout`` or whose liveness lock is gone;
+* every ``heartbeat_interval`` (a timer without drift or overlap): probe the broker, and only if
+  it answered, write the heartbeat in database time (a node cut from the broker cannot serve, so
+  it lets its peers evict it and take its queues over); a missing row means we were evicted;
+  rebuild the ring from the RUNNING rows; evict peers whose heartbeat is older than
+  ``node_timeout`` or whose liveness lock is gone;
 * a node evicts only after its own heartbeat write succeeded in the same round, and only by
   timeout after ``node_timeout`` of uninterrupted own success (a database outage must not cause
   mass eviction); by liveness only once its own liveness session is a few rounds old (after a

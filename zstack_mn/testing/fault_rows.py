@@ -33,6 +33,10 @@ ATTEMPT_TIMEOUT_S = 4.0
 AGENT_LATENCY_S = 0.02
 AGENT_TIMEOUT_S = 3.0
 DETECTION_BOUND_S = 20.0
+DEATH_NOTICED_BOUND_S = 2 * (NODE_TIMEOUT_S + HEARTBEAT_S)
+LEAVE_NOTICED_BOUND_S = 4 * HEARTBEAT_S
+CONSUMERS_BACK_BOUND_S = 10.0
+RING_SAMPLE = 10_000
 RETRYABLE_CODES = frozenset(c.name for c in ErrorCode if c.retryable)
 LATENCY_OPS = ("start", "stop", "reboot")
 
@@ -94,6 +98,7 @@ class Row:
     inject: Inject
     allowed_errors: frozenset[str] = frozenset()
     special_node: Prepare | None = None
+    detect_bound: float | None = None
 
 
 @dataclass
@@ -183,6 +188,13 @@ async def _join(run: Run) -> None:
     after = HashRing({n.uuid for n in run.nodes} | {newcomer.uuid})
     moved = [v for v in run.vms if before.owner_of(v) != after.owner_of(v)]
     run.expect(all(after.owner_of(v) == newcomer.uuid for v in moved), "a VM moved between two old nodes")
+    sample = [str(uuidlib.UUID(int=run.rng.getrandbits(128))) for _ in range(RING_SAMPLE)]
+    share = sum(before.owner_of(u) != after.owner_of(u) for u in sample) / RING_SAMPLE
+    fair = 1 / len(after.nodes)
+    run.expect(share <= 1.2 * fair, f"{share:.1%} of {RING_SAMPLE} uuids moved to the newcomer (fair {fair:.1%})")
+    run.measures["moved_share"] = round(share, 3)
+    run.expect(took is None or took <= LEAVE_NOTICED_BOUND_S,
+               f"the newcomer reached every ring after {took}s (bound {LEAVE_NOTICED_BOUND_S:g}s)")
     run.measures.update(moved=len(moved), of=len(run.vms), ring_s=took and round(took, 2))
     run.nodes.append(newcomer)
 
@@ -197,8 +209,32 @@ async def _rabbitmq_restart(run: Run) -> None:
     finally:
         started = await asyncio.to_thread(servers.rabbitmqctl, "start_app")
     run.expect(started.returncode == 0, f"rabbitmqctl start_app: {started.stderr.strip()}")
-    took = await run.wait_for(lambda: _all_ready(run), 30, "every node's bus is back")
+    took = await run.wait_for(lambda: _consumers_back(run), 30, "every node's consumers are back")
     run.measures["consumers_back_s"] = took and round(took, 2)
+    run.expect(took is None or took <= CONSUMERS_BACK_BOUND_S,
+               f"consumers back {took}s after start_app (bound {CONSUMERS_BACK_BOUND_S:g}s)")
+    run.expect(all(n.alive for n in run.nodes), "a node exited during a broker restart")
+    run.expect(not any(run.gone(n.uuid) for n in run.nodes), "a broker restart evicted a node")
+
+
+async def _consumers_back(run: Run) -> bool:
+    """Every live node consumes its service queues, and every node the API queue (rabbitmqctl)."""
+    vhost = urlsplit(run.harness.amqp_url).path.lstrip("/") or "/"
+    listed = await asyncio.to_thread(
+        servers.rabbitmqctl, "list_queues", "-p", vhost, "name", "consumers", "--no-table-headers", "-q"
+    )
+    if listed.returncode != 0:
+        return False
+    consumers = {}
+    for line in listed.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            consumers[parts[0]] = int(parts[1])
+    prefix = run.harness.queue_prefix
+    live = [n.uuid for n in run.nodes if n.alive]
+    node_queues = [q for q in consumers if q.startswith(f"{prefix}.message.") and q.rsplit(".", 1)[-1] in live]
+    api = consumers.get(f"{prefix}.message.api.portal", 0)
+    return api >= len(live) and bool(node_queues) and all(consumers[q] >= 1 for q in node_queues)
 
 
 async def _postgres_restart(run: Run) -> None:
@@ -213,6 +249,7 @@ async def _postgres_restart(run: Run) -> None:
     run.expect(started.returncode == 0, f"pg_ctlcluster start: {started.stderr.strip()}")
     await run.wait_for(lambda: _all_ready(run), 30, "every node ready again")
     run.expect(not any(run.gone(n.uuid) for n in run.nodes), "a database restart evicted a node")
+    run.expect(all(n.alive for n in run.nodes), "a node exited during a database restart")
 
 
 async def _all_ready(run: Run) -> bool:
@@ -382,19 +419,23 @@ async def _poison(run: Run) -> None:
 
 
 ROWS: dict[str, Row] = {r.name: r for r in (
-    Row("sigkill", "SIGKILL one of three nodes", _sigkill),
+    Row("sigkill", "SIGKILL one of three nodes", _sigkill, detect_bound=DEATH_NOTICED_BOUND_S),
     Row("sigstop-short", "SIGSTOP shorter than node_timeout, then SIGCONT", _sigstop_short),
-    Row("sigstop-long", "SIGSTOP longer than node_timeout, then SIGCONT", _sigstop_long),
-    Row("sigterm", "SIGTERM one node", _sigterm),
+    Row("sigstop-long", "SIGSTOP longer than node_timeout, then SIGCONT", _sigstop_long,
+        detect_bound=DEATH_NOTICED_BOUND_S),
+    Row("sigterm", "SIGTERM one node", _sigterm, detect_bound=LEAVE_NOTICED_BOUND_S),
     Row("rolling-restart", "every node SIGTERM'd and started again in turn", _rolling_restart),
     Row("join", "a fourth node joins under load", _join),
     Row("rabbitmq-restart", "rabbitmqctl stop_app / start_app", _rabbitmq_restart, RETRYABLE_CODES),
     Row("postgres-restart", "pg_ctlcluster stop -m immediate / start", _postgres_restart, RETRYABLE_CODES),
-    Row("broker-cut", "one node cut from RabbitMQ (black-holing proxy)", _cut("broker"), special_node=_proxied("broker")),
-    Row("db-cut", "one node cut from PostgreSQL (black-holing proxy)", _cut("database"), special_node=_proxied("database")),
+    Row("broker-cut", "one node cut from RabbitMQ (black-holing proxy)", _cut("broker"), special_node=_proxied("broker"),
+        detect_bound=DEATH_NOTICED_BOUND_S),
+    Row("db-cut", "one node cut from PostgreSQL (black-holing proxy)", _cut("database"),
+        special_node=_proxied("database"), detect_bound=DEATH_NOTICED_BOUND_S),
     Row("clock-skew", "one node's wall clock minutes off (libfaketime), then another node killed", _clock_skew,
-        special_node=_skewed_clock),
+        special_node=_skewed_clock, detect_bound=DEATH_NOTICED_BOUND_S),
     Row("duplicate-delivery", "one request (one message id) sent to every node at once", _duplicate_delivery),
-    Row("kill-after-effect", "SIGKILL a node between the agent's effect and the ack", _kill_between_effect_and_ack),
+    Row("kill-after-effect", "SIGKILL a node between the agent's effect and the ack", _kill_between_effect_and_ack,
+        detect_bound=DEATH_NOTICED_BOUND_S),
     Row("poison", "raw garbage on the API queue and a service queue", _poison),
 )}

@@ -124,6 +124,10 @@ async def run_row(
         verdict = check(history.ops, *await read_database(database_url), await _agent_view(agent_url),
                         observer.timeline.gone_at)
         _measure(run)
+        detected = run.measures.get("detect_s")
+        if row.detect_bound is not None and detected is not None:
+            run.expect(detected <= row.detect_bound,
+                       f"every ring dropped the victim after {detected}s (bound {row.detect_bound:g}s)")
         unexpected = {c: n for c, n in verdict.errors.items() if c not in row.allowed_errors}
         run.expect(not unexpected, f"errors a client should not see under this fault: {unexpected}")
         return Report(row.name, seed, verdict.holds and not run.problems, verdict.as_json(), run.problems,
@@ -245,9 +249,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_summary(summary: dict[str, Any]) -> str:
+    """The same table for the benchmark report (README and ``benchmarks/results``)."""
+
+    def spread(v: dict[str, float] | None) -> str:
+        return "–" if not v else f"{v['min']:.2f} / {v['median']:.2f} / {v['max']:.2f}"
+
+    lines = [
+        "| row | runs held | lost | hung | duplicated | dual ownership | detection s (min / median / max) "
+        "| take-over s (min / median / max) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary["rows"].items():
+        lines.append(f"| {name} | {s['held']}/{s['runs']} | {s['lost']} | {s['hung']} | {s['duplicated']} | "
+                     f"{s['dual_ownership']} | {spread(s['detect_s'])} | {spread(s['takeover_s'])} |")
+    return "\n".join(lines)
+
+
 def write_summary(summary: dict[str, Any], path: Path) -> None:
+    """The summary and every run as JSON at ``path``, and the table beside it (``.md``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2, default=str))
+    path.with_suffix(".md").write_text(markdown_summary(summary) + "\n")
 
 
 async def _main(names: list[str], runs: int, seed: int | None, out: Path | None, workdir: Path) -> int:
