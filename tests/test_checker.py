@@ -15,7 +15,7 @@ HOST = SimpleNamespace(uuid="host-1", name="h1", agent_url="http://agent/hosts/h
 
 def vm_row(uuid: str = "vm-1", state: str = "Running", host: str | None = "host-1") -> SimpleNamespace:
     return SimpleNamespace(uuid=uuid, state=state, host_uuid=host, target_host_uuid=None,
-                           cpu_num=1, memory_size=64, op_id=None, op_node=None)
+                           cpu_num=1, memory_size=64, op_id=None, op_node=None, version=1)
 
 
 def op(seq: int, kind: str, outcome: str = OK, state: str | None = None, vm: str = "vm-1") -> Op:

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     node_timeout: float = Field(10.0, gt=0, le=600)
     fence_after: float | None = Field(None, gt=0)
     on_evicted: Literal["rejoin", "exit"] = "rejoin"
+    rejoin_timeout: float = Field(300.0, ge=0, le=86_400)
     drain_timeout: float = Field(15.0, ge=0, le=600)
 
     call_timeout: float = Field(30.0, gt=0, le=3600)

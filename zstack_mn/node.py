@@ -52,6 +52,7 @@ log = structlog.get_logger(__name__)
 
 BUILTIN_SERVICES: tuple[type[Service], ...] = (HostService, VmInstanceService)
 EXIT_OK, EXIT_EVICTED = 0, 3
+REJOIN_FIRST_DELAY_S, REJOIN_MAX_DELAY_S = 1.0, 30.0
 DEFAULT_HOST_NAME = "default-host"
 EMBEDDED_HOST_ID = "embedded"
 
@@ -88,6 +89,7 @@ class Node:
         self.agent_server: EmbeddedServer | None = None
         self.simulated_agent: SimulatedAgent | None = None
         self._stop = asyncio.Event()
+        self._operator_stop = asyncio.Event()
         self._evicted = False
         self._shutdown_started = False
         self._shutdown_done = asyncio.Event()
@@ -109,10 +111,27 @@ class Node:
         await self.shutdown()
 
     async def run(self) -> int:
-        """Start, serve until asked to stop; on eviction rejoin with a new uuid (or exit 3)."""
+        """Start, serve until asked to stop; on eviction rejoin with a new uuid (or exit 3).
+
+        A rejoin that cannot start (the database or the broker still out of reach: the reason
+        this node was evicted) is tried again with backoff for up to ``rejoin_timeout``."""
+        rejoin_deadline: float | None = None
+        delay = REJOIN_FIRST_DELAY_S
         while True:
             try:
                 await self.start()
+            except Exception as exc:
+                await self.shutdown()
+                if rejoin_deadline is None or asyncio.get_running_loop().time() + delay > rejoin_deadline:
+                    raise
+                log.warning("rejoin failed; trying again", error=f"{type(exc).__name__}: {exc}", retry_in=delay)
+                if await self._stop_requested_within(delay):
+                    return EXIT_OK
+                delay = min(delay * 2, REJOIN_MAX_DELAY_S)
+                self._reset()
+                continue
+            rejoin_deadline, delay = None, REJOIN_FIRST_DELAY_S
+            try:
                 await self.wait()
             finally:
                 await self.shutdown()
@@ -121,12 +140,26 @@ class Node:
             if self.settings.on_evicted == "exit":
                 return EXIT_EVICTED
             log.warning("rejoining the cluster under a new uuid")
+            rejoin_deadline = asyncio.get_running_loop().time() + self.settings.rejoin_timeout
             self._reset()
 
+    async def _stop_requested_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._operator_stop.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
     def _reset(self) -> None:
+        operator_stop = self._operator_stop
         self.__init__(self.settings, extra_services=self.extra_services)  # type: ignore[misc]
+        self._operator_stop = operator_stop
+        if operator_stop.is_set():
+            self._stop.set()
 
     def request_stop(self) -> None:
+        """Stop serving (SIGTERM/SIGINT); also ends a rejoin that is waiting to try again."""
+        self._operator_stop.set()
         self._stop.set()
 
     async def wait(self) -> None:
@@ -149,7 +182,7 @@ class Node:
         limits = BusLimits(s.call_timeout, s.max_message_bytes, s.prefetch, s.max_hops)
         self.bus = CloudBus(self.uuid, self.transport, self.topology, ring=self.ring, limits=limits,
                             metrics=self.metrics, on_no_route=self._on_no_route)
-        self.agents = AgentClient(s.agent_timeout, self.uuid)
+        self.agents = AgentClient(s.agent_timeout, self.uuid, fenced=self._fenced)
         if s.run_embedded_agent:
             self.simulated_agent = SimulatedAgent()
             self.agent_server = EmbeddedServer(create_agent_app(self.simulated_agent), "127.0.0.1", s.embedded_agent_port)
@@ -206,6 +239,9 @@ class Node:
             return
         await self.bus.call(AddHostMsg(name=DEFAULT_HOST_NAME, agent_url=url), timeout=self.settings.call_timeout)
         log.info("embedded simulated agent registered as a host", agent=url)
+
+    def _fenced(self) -> bool:
+        return self.membership is not None and self.membership.fenced
 
     async def _on_no_route(self, _: str) -> None:
         if self.membership is not None:

@@ -3,6 +3,7 @@ ZStackError with an AGENT_* code."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -18,13 +19,21 @@ NODE_HEADER = "X-ZStack-Node"
 class AgentClient:
     """One pooled HTTP client for every agent this node talks to."""
 
-    def __init__(self, timeout: float, node_uuid: str = "") -> None:
+    def __init__(self, timeout: float, node_uuid: str = "", fenced: Callable[[], bool] | None = None) -> None:
+        """``fenced``: asked again just before each VM operation leaves this process, so that a
+        node frozen since its last check sends nothing once it wakes fenced."""
         self.timeout = timeout
+        self.fenced = fenced
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             headers={NODE_HEADER: node_uuid} if node_uuid else None,
+            event_hooks={"request": [self._last_check]},
         )
+
+    async def _last_check(self, request: httpx.Request) -> None:
+        if request.method == "POST" and "/vms/" in request.url.path and self.fenced is not None and self.fenced():
+            raise ZStackError(ErrorCode.NODE_FENCED, "this node is fenced; the VM operation was not sent")
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -37,7 +37,12 @@ class ResultRepository:
 
     async def get(self, request_id: str) -> dict | None:
         async with self.db.begin() as conn:
-            row = (await conn.execute(select(RESULT.c.reply).where(RESULT.c.id == request_id))).first()
+            return await self.get_in(conn, request_id)
+
+    @staticmethod
+    async def get_in(conn: AsyncConnection, request_id: str) -> dict | None:
+        """The stored reply, read inside the caller's transaction."""
+        row = (await conn.execute(select(RESULT.c.reply).where(RESULT.c.id == request_id))).first()
         return None if row is None else orjson.loads(row.reply)
 
     async def put(self, request_id: str, reply: dict) -> None:

@@ -106,6 +106,7 @@ class VmInstanceService(Service):
             raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid)
         for attempt in range(3):
             candidates = [msg.host_uuid] if msg.host_uuid else await self._candidates(msg.cpu_num, msg.memory_size, None, req)
+            await self.wait_unfenced(req)
             try:
                 async with self.db.begin() as conn:
                     host = await self._reserve_any(conn, candidates, msg.cpu_num, msg.memory_size)
@@ -162,12 +163,16 @@ class VmInstanceService(Service):
         resuming = vm.op_id == op_id and vm.state == op.transient
         if vm.op_id == op_id and vm.state == op.final:
             return vm_inventory(vm).to_wire()
+        await self.wait_unfenced(req)
         if resuming and vm.op_node != self.ctx.node_uuid:
             await self._outlive_previous_call(vm, agent_url, req)
             vm = await self._take_over(vm)
         if not resuming:
             before = vm.host_uuid
-            vm = await self._begin(vm, name, req, target)
+            try:
+                vm = await self._begin(vm, name, req, target)
+            except _AlreadyDone as done_elsewhere:
+                return done_elsewhere.result
             if vm.host_uuid != before:
                 host = await self.hosts.get(vm.host_uuid) if vm.host_uuid else None
                 agent_url = host.agent_url if host is not None else None
@@ -186,6 +191,7 @@ class VmInstanceService(Service):
         except ZStackError as exc:
             await self._settle_from_agent(vm, fallback_failed_start=name == "start")
             raise exc
+        await self.wait_unfenced(req)
         return await self._finish(vm, op, target_id)
 
     async def _outlive_previous_call(self, vm: Any, agent_url: str | None, req: Request) -> None:
@@ -228,7 +234,9 @@ class VmInstanceService(Service):
         return fresh
 
     async def _begin(self, vm: Any, name: str, req: Request, target: str | None) -> Any:
-        """State machine check + capacity + CAS to the transient state, in one transaction."""
+        """State machine check + capacity + CAS to the transient state, in one transaction, which
+        also makes sure the operation was not finished already (a stale copy of its message,
+        handled by a node that was frozen since: the VM may have moved on since)."""
         op = s.OPERATIONS[name]
         if vm.state not in op.allowed_from:
             raise ZStackError(
@@ -250,6 +258,9 @@ class VmInstanceService(Service):
             if not candidates:
                 raise ZStackError(ErrorCode.NO_CAPACITY, "no other host can take this VM")
         async with self.db.begin() as conn:
+            recorded = await self.results.get_in(conn, OPERATION_PREFIX + req.envelope.id)
+            if recorded is not None:
+                raise _AlreadyDone(recorded)
             if candidates:
                 chosen = await self._reserve_any(conn, candidates, vm.cpu_num, vm.memory_size)
                 values["target_host_uuid" if name == "migrate" else "host_uuid"] = chosen
@@ -260,27 +271,47 @@ class VmInstanceService(Service):
         return fresh
 
     async def _finish(self, vm: Any, op: s.Operation, target: str | None) -> dict[str, Any]:
-        """Transient → final, with the capacity bookkeeping of ``op``."""
+        """Transient → final, with the capacity bookkeeping of ``op``, in one transaction that
+        writes nothing unless the compare-and-set wins."""
         values: dict[str, Any] = {"state": op.final}
+        release: str | None = None
+        if op.agent_op in ("stop", "destroy"):
+            release = vm.host_uuid
+            values.update(host_uuid=None, last_host_uuid=vm.host_uuid or vm.last_host_uuid)
+        elif op.agent_op == "migrate" and target:
+            release = vm.host_uuid
+            values.update(host_uuid=target, last_host_uuid=vm.host_uuid, target_host_uuid=None)
         async with self.db.begin() as conn:
-            if op.agent_op in ("stop", "destroy"):
-                await self.hosts.release(conn, vm.host_uuid, vm.cpu_num, vm.memory_size)
-                values.update(host_uuid=None, last_host_uuid=vm.host_uuid or vm.last_host_uuid)
-            elif op.agent_op == "migrate" and target:
-                await self.hosts.release(conn, vm.host_uuid, vm.cpu_num, vm.memory_size)
-                values.update(host_uuid=target, last_host_uuid=vm.host_uuid, target_host_uuid=None)
             fresh = await self.vms.cas(conn, vm.uuid, vm.version, **values)
-            if fresh is None:
-                current = await self.vms.get_in(conn, vm.uuid)
-                log.warning("vm changed while the operation ran; keeping its current state", vm=vm.uuid)
-                return vm_inventory(current).to_wire()
-            inventory = vm_inventory(fresh).to_wire()
-            await self.results.record_in(conn, OPERATION_PREFIX + vm.op_id, inventory)
+            if fresh is not None:
+                if release is not None:
+                    await self.hosts.release(conn, release, vm.cpu_num, vm.memory_size)
+                inventory = vm_inventory(fresh).to_wire()
+                await self.results.record_in(conn, OPERATION_PREFIX + vm.op_id, inventory)
+        if fresh is None:
+            return await self._decided_elsewhere(vm)
         await self._event(vm.uuid, vm.state, op.final, fresh.host_uuid)
         return inventory
 
+    async def _decided_elsewhere(self, vm: Any) -> dict[str, Any]:
+        """The VM changed while this node ran the operation (another node took it over, or its
+        host disconnected): answer with the outcome recorded by whoever finished it, or a
+        retryable error, never with a state this node did not decide."""
+        recorded = await self.results.get(OPERATION_PREFIX + vm.op_id)
+        if recorded is not None:
+            return recorded
+        log.warning("vm changed while the operation ran; its outcome is not this node's to report", vm=vm.uuid)
+        raise ZStackError(
+            ErrorCode.CONCURRENT_MODIFICATION,
+            f"vm {vm.uuid} changed while the operation ran (taken over or its host disconnected); retry",
+            uuid=vm.uuid,
+        )
+
     async def _settle_from_agent(self, vm: Any, *, fallback_failed_start: bool = False) -> None:
-        """Set a VM in a transient state to what its agent reports (capacity follows)."""
+        """Set a VM in a transient state to what its agent reports (capacity follows). Not on
+        a fenced node: the VM may have a new owner already, which settles it."""
+        if self.ctx.is_fenced():
+            return
         vm = await self.vms.get(vm.uuid)
         if vm is None or vm.state not in s.TRANSIENT:
             return
@@ -370,6 +401,14 @@ class VmInstanceService(Service):
                         continue
                     log.info("stranded operation finished by the new owner", vm=vm.uuid, operation=name)
                     settled += 1
+
+
+class _AlreadyDone(Exception):
+    """The operation was finished (by this or another node) before this copy could begin it."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__("operation already done")
+        self.result = result
 
 
 def _left(req: Request, default: float) -> float:

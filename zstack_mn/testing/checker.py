@@ -126,7 +126,7 @@ def check(
     _check_last_acknowledged(ops, vms, result_ids, agent, v)
     _check_effects(agent, request_ids, v)
     _check_capacity(vms, hosts, v)
-    _check_agent_agrees(vms, hosts, agent, v)
+    _check_agent_agrees(vms, hosts, result_ids, agent, v)
     _check_ownership(agent, evicted_at, v)
     return v
 
@@ -177,11 +177,15 @@ def _check_capacity(vms: list[Any], hosts: list[Any], v: Verdict) -> None:
             )
 
 
-def _check_agent_agrees(vms: list[Any], hosts: list[Any], agent: AgentView, v: Verdict) -> None:
+def _check_agent_agrees(
+    vms: list[Any], hosts: list[Any], result_ids: set[str], agent: AgentView, v: Verdict
+) -> None:
     host_of_agent = {h.agent_url.rstrip("/").rsplit("/", 1)[-1]: h.uuid for h in hosts}
     for r in vms:
         if r.state in TRANSIENT:
-            v.flag("stranded", f"vm {r.uuid} left {r.state} (op {r.op_id} by {r.op_node})")
+            recorded = OPERATION_PREFIX + str(r.op_id) in result_ids
+            v.flag("stranded", f"vm {r.uuid} left {r.state} (op {r.op_id} by {r.op_node}, version {r.version}, "
+                               f"op recorded {recorded}, agent effects {agent.effects.get(str(r.op_id), 0)})")
             continue
         real = agent.vms.get(r.uuid)
         real_state = real["state"] if real else "Absent"

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import httpx
 
 from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.bus.topology import Topology
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ErrorCode
+from zstack_mn.messages.host import HOST
+from zstack_mn.messages.vm import VM
 from zstack_mn.testing import servers
 from zstack_mn.testing.cluster import ClusterHarness, Proc
 from zstack_mn.testing.history import OK, History, make_client
@@ -199,22 +203,31 @@ async def _join(run: Run) -> None:
     run.nodes.append(newcomer)
 
 
-async def _rabbitmq_restart(run: Run) -> None:
-    down = run.rng.uniform(1.0, 5.0)
+async def _outage(run: Run, what: str, stop: Callable[[], Any], start: Callable[[], Any], longest: float) -> None:
+    """Stop a server for a random 1 s to ``longest`` and start it again, even if the run fails."""
+    down = run.rng.uniform(1.0, longest)
     run.measures["down_s"] = round(down, 2)
-    stopped = await asyncio.to_thread(servers.rabbitmqctl, "stop_app")
+    stopped = await asyncio.to_thread(stop)
     try:
-        run.expect(stopped.returncode == 0, f"rabbitmqctl stop_app: {stopped.stderr.strip()}")
+        run.expect(stopped.returncode == 0, f"{what} stop: {stopped.stderr.strip()}")
         await asyncio.sleep(down)
     finally:
-        started = await asyncio.to_thread(servers.rabbitmqctl, "start_app")
-    run.expect(started.returncode == 0, f"rabbitmqctl start_app: {started.stderr.strip()}")
+        started = await asyncio.to_thread(start)
+    run.expect(started.returncode == 0, f"{what} start: {started.stderr.strip()}")
+
+
+def _nobody_hurt(run: Run, what: str) -> None:
+    run.expect(all(n.alive for n in run.nodes), f"a node exited during a {what} restart")
+    run.expect(not any(run.gone(n.uuid) for n in run.nodes), f"a {what} restart evicted a node")
+
+
+async def _rabbitmq_restart(run: Run) -> None:
+    await _outage(run, "rabbitmq", lambda: servers.rabbitmqctl("stop_app"), lambda: servers.rabbitmqctl("start_app"), 5.0)
     took = await run.wait_for(lambda: _consumers_back(run), 30, "every node's consumers are back")
     run.measures["consumers_back_s"] = took and round(took, 2)
     run.expect(took is None or took <= CONSUMERS_BACK_BOUND_S,
                f"consumers back {took}s after start_app (bound {CONSUMERS_BACK_BOUND_S:g}s)")
-    run.expect(all(n.alive for n in run.nodes), "a node exited during a broker restart")
-    run.expect(not any(run.gone(n.uuid) for n in run.nodes), "a broker restart evicted a node")
+    _nobody_hurt(run, "broker")
 
 
 async def _consumers_back(run: Run) -> bool:
@@ -230,26 +243,17 @@ async def _consumers_back(run: Run) -> bool:
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             consumers[parts[0]] = int(parts[1])
-    prefix = run.harness.queue_prefix
+    topology = Topology(run.harness.queue_prefix)
     live = [n.uuid for n in run.nodes if n.alive]
-    node_queues = [q for q in consumers if q.startswith(f"{prefix}.message.") and q.rsplit(".", 1)[-1] in live]
-    api = consumers.get(f"{prefix}.message.api.portal", 0)
-    return api >= len(live) and bool(node_queues) and all(consumers[q] >= 1 for q in node_queues)
+    wanted = [topology.service_queue(service, u) for service in (VM, HOST) for u in live]
+    return consumers.get(topology.api_queue, 0) >= len(live) and all(consumers.get(q, 0) >= 1 for q in wanted)
 
 
 async def _postgres_restart(run: Run) -> None:
-    down = run.rng.uniform(1.0, 8.0)
-    run.measures["down_s"] = round(down, 2)
-    stopped = await asyncio.to_thread(servers.pg_ctl, "stop", "-m", "immediate")
-    try:
-        run.expect(stopped.returncode == 0, f"pg_ctlcluster stop: {stopped.stderr.strip()}")
-        await asyncio.sleep(down)
-    finally:
-        started = await asyncio.to_thread(servers.pg_ctl, "start")
-    run.expect(started.returncode == 0, f"pg_ctlcluster start: {started.stderr.strip()}")
+    await _outage(run, "postgresql", lambda: servers.pg_ctl("stop", "-m", "immediate"), lambda: servers.pg_ctl("start"),
+                  8.0)
     await run.wait_for(lambda: _all_ready(run), 30, "every node ready again")
-    run.expect(not any(run.gone(n.uuid) for n in run.nodes), "a database restart evicted a node")
-    run.expect(all(n.alive for n in run.nodes), "a node exited during a database restart")
+    _nobody_hurt(run, "database")
 
 
 async def _all_ready(run: Run) -> bool:
@@ -379,10 +383,6 @@ async def _has_in_flight(run: Run, node: str) -> bool:
 
 async def _poison(run: Run) -> None:
     """Raw garbage on the API queue and on a node's vmInstance queue, some with a reply-to."""
-    import aio_pika
-
-    from zstack_mn.bus.topology import Topology
-
     topo = Topology(run.harness.queue_prefix)
     target = run.victim = run.rng.choice(run.nodes)
     run.victim_uuid = target.uuid
