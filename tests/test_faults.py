@@ -8,13 +8,15 @@ is printed at the end of the session and written as JSON to ``--fault-report``.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from zstack_mn.testing.faults import ROWS, run_row
+from zstack_mn.testing.faults import ROWS, RUN_BOUND_S, run_row
 
 FULL_RUNS = 10
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(RUN_BOUND_S + 60)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -29,7 +31,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 async def test_fault_row_holds(row_name: str, run_index: int, tmp_path, amqp_url, pg_database, fault_reports):
-    report = await run_row(ROWS[row_name], tmp_path, amqp_url=amqp_url, database_url=pg_database)
+    # Bounded inside the event loop (below pytest-timeout), so that a run that hangs is cancelled
+    # and its processes are stopped, instead of being left running by pytest-timeout.
+    report = await asyncio.wait_for(
+        run_row(ROWS[row_name], tmp_path, amqp_url=amqp_url, database_url=pg_database), RUN_BOUND_S
+    )
     fault_reports.append(report)
     assert report.verdict["ok"] > 0, "the load made no successful request: the run proved nothing"
     assert report.holds, (

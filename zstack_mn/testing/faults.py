@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import random
+import sys
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -51,7 +53,8 @@ from zstack_mn.testing.observer import Observer
 from zstack_mn.testing.proxy import CutProxy
 
 QUIESCE_BOUND_S = 60.0
-RUN_BOUND_S = 300.0
+RUN_BOUND_S = 200.0
+STUCK_REPORT_AFTER_S = 150.0
 
 
 @dataclass
@@ -98,6 +101,7 @@ async def run_row(
     proxies: dict[str, CutProxy] = {}
     observer = Observer(database_url)
     workload: Workload | None = None
+    watchdog = asyncio.get_running_loop().create_task(_report_stuck_tasks(STUCK_REPORT_AFTER_S, workdir))
     try:
         agent_url = await harness.start_agent()
         measures: dict[str, Any] = {}
@@ -133,6 +137,7 @@ async def run_row(
         return Report(row.name, seed, verdict.holds and not run.problems, verdict.as_json(), run.problems,
                       run.measures, round(time.monotonic() - started, 1))
     finally:
+        watchdog.cancel()
         if workload is not None:
             with contextlib.suppress(Exception):
                 await workload.stop()
@@ -142,6 +147,18 @@ async def run_row(
         await harness.close()
         for proxy in proxies.values():
             await proxy.close()
+
+
+async def _report_stuck_tasks(after: float, workdir: Path) -> None:
+    """A run taking longer than ``after`` writes every task's stack to ``stuck-tasks.txt`` in its
+    directory (and stderr): a hang must name the await it hangs on."""
+    await asyncio.sleep(after)
+    buffer = io.StringIO()
+    for task in asyncio.all_tasks():
+        buffer.write(f"--- {task.get_name()}\n")
+        task.print_stack(limit=12, file=buffer)
+    (workdir / "stuck-tasks.txt").write_text(buffer.getvalue())
+    print(f"run still going after {after:g}s; task stacks in {workdir / 'stuck-tasks.txt'}", file=sys.stderr)
 
 
 async def _setup_vms(harness: ClusterHarness, agent_url: str, history: History, count: int) -> dict[str, str]:
