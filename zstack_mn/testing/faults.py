@@ -127,6 +127,7 @@ async def run_row(
         await _quiesce(run)
         verdict = check(history.ops, *await read_database(database_url), await _agent_view(agent_url),
                         observer.timeline.gone_at)
+        (workdir / "history.json").write_text(json.dumps(history.as_json()))
         _measure(run)
         detected = run.measures.get("detect_s")
         if row.detect_bound is not None and detected is not None:

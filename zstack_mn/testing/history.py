@@ -87,6 +87,7 @@ class History:
         return op
 
     def as_json(self) -> list[dict[str, Any]]:
+        """Every request, for the run's directory (``history.json``)."""
         return [asdict(op) for op in self.ops]
 
 
@@ -125,10 +126,6 @@ class Workload:
         self._tasks = [
             asyncio.get_running_loop().create_task(self._worker(i, owned[i]), name=f"load-{i}") for i in range(workers)
         ]
-
-    @property
-    def done_ok(self) -> int:
-        return sum(1 for op in self.history.ops if op.outcome == OK)
 
     async def _worker(self, index: int, vms: dict[str, str]) -> None:
         client = self._clients[index]
