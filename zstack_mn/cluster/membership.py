@@ -79,6 +79,7 @@ class Membership:
         self.state = JOINING
         self.evicted = False
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._rescues: set[asyncio.Task[None]] = set()
         self._round_timeout = max(settings.heartbeat_interval, 1.0)
         bus.metrics.heartbeat_age.set_function(self.heartbeat_age)
@@ -115,7 +116,7 @@ class Membership:
         loop = asyncio.get_running_loop()
         interval = self.settings.heartbeat_interval
         start, n = loop.time(), 0
-        while not self.evicted:
+        while not self.evicted and not self._stopping:
             try:
                 await self.round()
             except asyncio.CancelledError:
@@ -245,9 +246,12 @@ class Membership:
 
     async def stop(self, *, delete_row: bool) -> None:
         """Stop the heartbeat; delete our row if asked; release the liveness lock."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # bounded, and the loop also checks _stopping: Python 3.11's wait_for can swallow a
+            # cancellation that races the query it waits for
+            await asyncio.wait({self._task}, timeout=2 * self._round_timeout + 1)
             self._task = None
         if self._rescues:
             await asyncio.wait(self._rescues, timeout=self.settings.drain_timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import io
 import json
 import random
@@ -102,6 +103,8 @@ async def run_row(
     observer = Observer(database_url)
     workload: Workload | None = None
     watchdog = asyncio.get_running_loop().create_task(_report_stuck_tasks(STUCK_REPORT_AFTER_S, workdir))
+    stuck_threads = (workdir / "stuck-threads.txt").open("w")
+    faulthandler.dump_traceback_later(STUCK_REPORT_AFTER_S, file=stuck_threads)
     try:
         agent_url = await harness.start_agent()
         measures: dict[str, Any] = {}
@@ -138,6 +141,10 @@ async def run_row(
         return Report(row.name, seed, verdict.holds and not run.problems, verdict.as_json(), run.problems,
                       run.measures, round(time.monotonic() - started, 1))
     finally:
+        faulthandler.cancel_dump_traceback_later()
+        stuck_threads.close()
+        if (workdir / "stuck-threads.txt").stat().st_size == 0:
+            (workdir / "stuck-threads.txt").unlink()
         watchdog.cancel()
         if workload is not None:
             with contextlib.suppress(Exception):
@@ -152,7 +159,8 @@ async def run_row(
 
 async def _report_stuck_tasks(after: float, workdir: Path) -> None:
     """A run taking longer than ``after`` writes every task's stack to ``stuck-tasks.txt`` in its
-    directory (and stderr): a hang must name the await it hangs on."""
+    directory (and stderr): a hang must name the await it hangs on. (``faulthandler`` writes the
+    threads' stacks to ``stuck-threads.txt`` at the same moment, for a loop blocked by a call.)"""
     await asyncio.sleep(after)
     buffer = io.StringIO()
     for task in asyncio.all_tasks():

@@ -14,6 +14,7 @@ from zstack_mn.db.engine import Database
 from zstack_mn.db.nodes import RUNNING, NodeRepository
 
 OBSERVE_EVERY_S = 0.1
+CLOSE_BOUND_S = 5.0
 
 
 @dataclass
@@ -49,12 +50,13 @@ class Observer:
         self.nodes = NodeRepository(self.db)
         self.timeline = Timeline()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="observer")
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 rows = await asyncio.wait_for(self.nodes.list(), 2.0)
             except Exception:
@@ -74,7 +76,10 @@ class Observer:
             await asyncio.sleep(OBSERVE_EVERY_S)
 
     async def close(self) -> None:
+        """Stop sampling. Python 3.11's ``wait_for`` can swallow a cancellation that races its
+        inner query, so the loop also checks a flag and the wait for it is bounded."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        await self.db.close()
+            await asyncio.wait({self._task}, timeout=CLOSE_BOUND_S)
+        await asyncio.wait_for(self.db.close(), CLOSE_BOUND_S)
