@@ -213,7 +213,8 @@ class HostService(Service):
             except Exception:
                 log.exception("host tracker pass failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ring_changed.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self._ring_changed.wait()
 
     async def _track_once(self) -> None:
         slots = asyncio.Semaphore(PING_CONCURRENCY)

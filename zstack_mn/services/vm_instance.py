@@ -356,10 +356,13 @@ class VmInstanceService(Service):
 
     async def _reconcile_loop(self) -> None:
         """A pass on every ring change, and every ``node_timeout`` for what a pass could not
-        finish (an operation whose request timed out while it waited for its previous owner)."""
+        finish (an operation whose request timed out while it waited for its previous owner).
+        ``asyncio.timeout``, not ``wait_for``: on 3.11 the latter can swallow the cancellation
+        that ``stop`` sends when the event is set at the same moment, and ``stop`` would hang."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(self.ctx.settings.node_timeout, 1.0))
+                async with asyncio.timeout(max(self.ctx.settings.node_timeout, 1.0)):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.reconcile_transient()
