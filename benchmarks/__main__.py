@@ -1,4 +1,4 @@
-"""``python -m benchmarks [b1 b2 b3 b4 b5 b6] [--seconds S]``: run the BENCH.md scenarios against
+"""``python -m benchmarks [b1 … b8] [--seconds S] [--quick]``: run the BENCH.md scenarios against
 the real RabbitMQ and PostgreSQL (a fresh vhost and database per run, removed afterwards), write
 JSON and a markdown table under ``benchmarks/results/``, and leave nothing running."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import inspect
 import json
 import subprocess
 import uuid
@@ -20,7 +21,7 @@ from benchmarks.common import machine
 from zstack_mn.testing import servers
 
 RESULTS = Path(__file__).parent / "results"
-ALL = ("b1", "b2", "b3", "b4", "b5", "b6")
+ALL = ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8")
 
 
 def commit() -> str:
@@ -31,9 +32,10 @@ def commit() -> str:
 
 
 async def main(scenarios: list[str], seconds: float, quick: bool) -> dict[str, Any]:
-    from benchmarks import b1_bus, b2_api, b3_scale, b4_failover, b5_ring, b6_memory
+    from benchmarks import b1_bus, b2_api, b3_scale, b4_failover, b5_ring, b6_memory, b7_inflight, b8_nodes
 
-    modules = {"b1": b1_bus, "b2": b2_api, "b3": b3_scale, "b4": b4_failover, "b5": b5_ring, "b6": b6_memory}
+    modules = {"b1": b1_bus, "b2": b2_api, "b3": b3_scale, "b4": b4_failover, "b5": b5_ring, "b6": b6_memory,
+               "b7": b7_inflight, "b8": b8_nodes}
     vhost = servers.new_vhost() if any(s != "b5" for s in scenarios) else ""
     url = servers.amqp_url(vhost) if vhost else ""
     out: dict[str, Any] = {
@@ -49,8 +51,10 @@ async def main(scenarios: list[str], seconds: float, quick: bool) -> dict[str, A
             for name in scenarios:
                 progress.set_postfix_str(name)
                 prefix = f"bench{uuid.uuid4().hex[:6]}"
+                extras = {"quick": quick, "results": out["results"]}
+                wanted = inspect.signature(modules[name].run).parameters
                 out["results"][name] = await modules[name].run(
-                    url, prefix, seconds, progress, **({"quick": quick} if "quick" in modules[name].run.__code__.co_varnames else {})
+                    url, prefix, seconds, progress, **{k: v for k, v in extras.items() if k in wanted}
                 )
     finally:
         if vhost:
@@ -62,7 +66,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("scenarios", nargs="*", help=f"any of {' '.join(ALL)} (default: all)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load point")
-    parser.add_argument("--quick", action="store_true", help="smaller B3/B6 sizes, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="smaller B3/B6/B7/B8 sizes, for a smoke run")
     args = parser.parse_args()
     scenarios = args.scenarios or list(ALL)
     unknown = [s for s in scenarios if s not in ALL]

@@ -1,19 +1,26 @@
-"""Helpers for the cluster benchmarks: a harness on a fresh database, a toggling VM workload."""
+"""Helpers for the cluster benchmarks: a harness on a fresh database, a toggling VM workload, and
+probes of a running node (RSS, metrics, log records) and of the simulated agent (latency)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psutil
+
+from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
 from zstack_mn.db.engine import Database
 from zstack_mn.testing import servers
-from zstack_mn.testing.cluster import ClusterHarness
+from zstack_mn.testing.cluster import ClusterHarness, Proc
 
 
 @contextlib.asynccontextmanager
@@ -66,13 +73,97 @@ class Toggler:
             self.free.put_nowait(vm)
 
 
-async def make_vms(client: Client, agent_url: str, count: int, hosts: int = 1) -> list[dict[str, Any]]:
+async def make_vms(
+    client: Client, agent_url: str, count: int, hosts: int = 1, concurrency: int = 32
+) -> list[dict[str, Any]]:
+    """Add ``hosts`` simulated hosts and create ``count`` Running VMs (1 CPU, 64M) on them."""
     for i in range(hosts):
         await client.add_host(f"bench-h{i}", f"{agent_url}/hosts/b{i}")
-    sem = asyncio.Semaphore(32)
+    sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> dict[str, Any]:
         async with sem:
             return await client.create_vm(f"bench-vm{i}", cpu_num=1, memory_size="64M")
 
     return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def node_rss(proc: Proc) -> int:
+    """Resident set size of a node process in bytes (0 once it has exited)."""
+    try:
+        return int(psutil.Process(proc.popen.pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+async def metric(http: httpx.AsyncClient, node_url: str, name: str, timeout: float = 2.0) -> float | None:
+    """The value of an unlabelled gauge or counter on a node's ``/metrics``; None when unreadable."""
+    try:
+        resp = await http.get(f"{node_url}/metrics", timeout=timeout)
+    except httpx.HTTPError:
+        return None
+    for line in resp.text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+async def set_agent_latency(agent_url: str, latency: float, ops: tuple[str, ...] = ("start", "stop")) -> None:
+    """Make every simulated host of the agent take ``latency`` seconds per VM operation in ``ops``."""
+    faults = [AgentFault(op=op, latency=latency).to_wire() for op in ops] if latency else []
+    async with httpx.AsyncClient(timeout=10) as http:
+        (await http.put(f"{agent_url}/admin/faults", json=faults)).raise_for_status()
+
+
+def log_events(proc: Proc, event: str) -> list[dict[str, Any]]:
+    """The JSON log records of a node whose ``event`` is ``event``."""
+    records = []
+    try:
+        text = proc.log.read_text(errors="replace")
+    except OSError:
+        return records
+    for line in text.splitlines():
+        if event not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == event:
+            records.append(record)
+    return records
+
+
+def error_key(exc: BaseException) -> str:
+    """A short label of a failed call: the error code for a ZStackError, else the exception type."""
+    code = getattr(exc, "code", None)
+    return code.name if code is not None and hasattr(code, "name") else type(exc).__name__
+
+
+class Failures:
+    """Failed calls by error code, with the first description seen for each code."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.samples: dict[str, str] = {}
+
+    def add(self, exc: BaseException) -> None:
+        key = error_key(exc)
+        self.counts[key] += 1
+        self.samples.setdefault(key, str(getattr(exc, "description", None) or exc)[:200])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """p50, p99 and max of ``values`` (milliseconds in, milliseconds out)."""
+    if not values:
+        return {"p50Ms": float("nan"), "p99Ms": float("nan"), "maxMs": float("nan")}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50Ms": at(0.5), "p99Ms": at(0.99), "maxMs": round(ordered[-1], 2)}

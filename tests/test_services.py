@@ -15,6 +15,7 @@ from tests.embedded import embedded_node
 from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
 from zstack_mn.db.models import Host, VmInstance
+from zstack_mn.db.results import OPERATION_PREFIX
 from zstack_mn.messages import ErrorCode, Event, ZStackError
 from zstack_mn.messages.events import VmStateChangedEvent
 from zstack_mn.messages.vm import StartVmInstanceMsg, StopVmInstanceMsg
@@ -217,9 +218,9 @@ async def test_bearer_token_guards_the_api_but_not_health(tmp_path: Path):
 async def test_stored_replies_expire(node: Node, client: Client):
     assert node.portal is not None
     await client.create_vm("kept", cpu_num=1, memory_size="64M", key="expiring-key")
-    assert await node.portal.results.get(
-        __import__("zstack_mn.services.api_portal", fromlist=["x"]).request_id_for_key("expiring-key")
-    ) is not None
+    request_id = __import__("zstack_mn.services.api_portal", fromlist=["x"]).request_id_for_key("expiring-key")
+    assert await node.portal.results.get(request_id) is None, "a VM operation's reply is its op record, not a copy"
+    assert await node.portal.results.get(OPERATION_PREFIX + request_id) is not None
     assert await node.portal.results.expire(3600) == 0
     await asyncio.sleep(2.1)
     assert await node.portal.results.expire(1) >= 1

@@ -73,8 +73,10 @@ def start(
             loop.add_signal_handler(sig, on_signal)
         return await node.run()
 
+    from zstack_mn.event_loop import run
+
     try:
-        code = asyncio.run(main())
+        code = run(main(), settings.event_loop)
     except Exception as exc:
         _fail(f"start failed: {type(exc).__name__}: {exc}")
     raise typer.Exit(code)

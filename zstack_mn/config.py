@@ -42,20 +42,24 @@ class Settings(BaseSettings):
     rejoin_timeout: float = Field(300.0, ge=0, le=86_400)
     drain_timeout: float = Field(15.0, ge=0, le=600)
 
+    db_pool_size: int = Field(5, ge=1, le=1_000)
+    db_max_overflow: int = Field(0, ge=0, le=1_000)
+
     call_timeout: float = Field(30.0, gt=0, le=3600)
     publish_timeout: float = Field(5.0, gt=0, le=120)
     amqp_heartbeat: int = Field(5, ge=1, le=600)
     max_message_bytes: int = Field(1 << 20, ge=1024, le=(16 << 20) - 1024)
-    prefetch: int = Field(64, ge=1, le=10_000)
-    service_concurrency: int = Field(64, ge=1, le=100_000)
+    max_in_flight: int = Field(10_000, ge=1, le=65_535)
     max_hops: int = Field(3, ge=0, le=16)
 
     agent_timeout: float = Field(10.0, gt=0, le=600)
+    agent_max_connections: int = Field(1_000, ge=1, le=100_000)
     host_ping_interval: float = Field(5.0, gt=0, le=3600)
     host_ping_failures: int = Field(2, ge=1, le=100)
     embedded_agent: bool | None = None
     embedded_agent_port: int = Field(0, ge=0, le=65535)
 
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

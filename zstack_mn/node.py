@@ -172,6 +172,8 @@ class Node:
         log.info("node starting", broker=s.broker_url, database=s.database_url)
         self.db = Database(
             s.database_url,
+            pool_size=s.db_pool_size,
+            max_overflow=s.db_max_overflow,
             timeout=max(s.heartbeat_interval * 2, 5.0),
             idle_transaction_timeout=max(s.fence_after_s * 0.8, 0.5),
         )
@@ -179,10 +181,11 @@ class Node:
         self.transport = make_transport(s, self.topology, f"zstack-mn {self.uuid}")
         await self.transport.start()
         self.ring = LiveRing(self.uuid)
-        limits = BusLimits(s.call_timeout, s.max_message_bytes, s.prefetch, s.max_hops)
+        limits = BusLimits(s.call_timeout, s.max_message_bytes, s.max_in_flight, s.max_hops)
         self.bus = CloudBus(self.uuid, self.transport, self.topology, ring=self.ring, limits=limits,
                             metrics=self.metrics, on_no_route=self._on_no_route)
-        self.agents = AgentClient(s.agent_timeout, self.uuid, fenced=self._fenced)
+        self.agents = AgentClient(s.agent_timeout, self.uuid, fenced=self._fenced,
+                                  max_connections=s.agent_max_connections, pool_timeout=s.call_timeout)
         if s.run_embedded_agent:
             self.simulated_agent = SimulatedAgent()
             self.agent_server = EmbeddedServer(create_agent_app(self.simulated_agent), "127.0.0.1", s.embedded_agent_port)
@@ -217,7 +220,7 @@ class Node:
             self.http = EmbeddedServer(
                 create_app(self.portal, node_uuid=self.uuid, readiness=self.readiness, metrics_registry=self.metrics.registry,
                            api_token=s.api_token, call_timeout=s.call_timeout),
-                s.http_host, s.http_port,
+                s.http_host, s.http_port, limit_concurrency=s.max_in_flight,
             )
             await self.http.start()
         self._started = True

@@ -19,14 +19,24 @@ NODE_HEADER = "X-ZStack-Node"
 class AgentClient:
     """One pooled HTTP client for every agent this node talks to."""
 
-    def __init__(self, timeout: float, node_uuid: str = "", fenced: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        node_uuid: str = "",
+        fenced: Callable[[], bool] | None = None,
+        max_connections: int = 1_000,
+        pool_timeout: float | None = None,
+    ) -> None:
         """``fenced``: asked again just before each VM operation leaves this process, so that a
-        node frozen since its last check sends nothing once it wakes fenced."""
+        node frozen since its last check sends nothing once it wakes fenced. ``max_connections``
+        bounds the agent requests in flight at once (all kept alive: an operation that waits on
+        its agent keeps its connection); a request waits for a free one up to ``pool_timeout``
+        (default ``timeout``)."""
         self.timeout = timeout
         self.fenced = fenced
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            timeout=httpx.Timeout(timeout, pool=timeout if pool_timeout is None else pool_timeout),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             headers={NODE_HEADER: node_uuid} if node_uuid else None,
             event_hooks={"request": [self._last_check]},
         )

@@ -53,6 +53,7 @@ log = structlog.get_logger(__name__)
 
 TOPIC_HEADER = "topic"
 NO_ROUTE_RETRIES = 4
+MAX_PREFETCH = 65_535
 
 
 class RingView(Protocol):
@@ -67,7 +68,7 @@ class BusLimits:
 
     call_timeout: float = 30.0
     max_message_bytes: int = 1 << 20
-    prefetch: int = 64
+    prefetch: int = 10_000
     max_hops: int = 3
 
 
@@ -137,7 +138,7 @@ class CloudBus:
     async def start(self) -> None:
         """Declare and consume this node's reply and event queues."""
         await self.transport.declare(self.reply_queue, QueueKind.PRIVATE)
-        await self.transport.consume(self.reply_queue, self._on_reply, prefetch=max(self.limits.prefetch * 4, 256))
+        await self.transport.consume(self.reply_queue, self._on_reply, prefetch=min(max(self.limits.prefetch * 4, 256), MAX_PREFETCH))
         await self.transport.declare(self.event_queue, QueueKind.PRIVATE)
         await self.transport.bind(self.event_queue, self.topology.event_exchange, TOPIC_NODE_ALL)
         for pattern, _ in self._subscribers:

@@ -66,8 +66,16 @@ class HashRing:
 RingListener = Callable[["HashRing", "HashRing"], None]
 
 
+OWNER_CACHE_SIZE = 65_536
+
+
 class LiveRing:
     """This node's current ring, replaced as membership changes; listeners hear every change.
+
+    Owners are cached per ring version: a message asks for its resource's owner several times
+    (route, receive, fence, track), and a rendezvous lookup costs one hash per node, so between
+    two changes a repeated lookup is one dictionary read whatever the cluster size. The cache is
+    dropped on every change and when it reaches ``OWNER_CACHE_SIZE`` entries.
 
     Services use ``is_mine`` / ``owner_of`` and ``add_listener`` to recompute what they track.
     """
@@ -75,13 +83,20 @@ class LiveRing:
     def __init__(self, self_uuid: str, nodes: Iterable[str] = ()) -> None:
         self.self_uuid = self_uuid
         self.ring = HashRing(nodes)
+        self._owners: dict[str, str] = {}
         self._listeners: list[RingListener] = []
 
     def owner_of(self, resource_uuid: str) -> str:
-        return self.ring.owner_of(resource_uuid)
+        owner = self._owners.get(resource_uuid)
+        if owner is None:
+            owner = self.ring.owner_of(resource_uuid)
+            if len(self._owners) >= OWNER_CACHE_SIZE:
+                self._owners.clear()
+            self._owners[resource_uuid] = owner
+        return owner
 
     def is_mine(self, resource_uuid: str) -> bool:
-        return bool(self.ring.nodes) and self.ring.owner_of(resource_uuid) == self.self_uuid
+        return bool(self.ring.nodes) and self.owner_of(resource_uuid) == self.self_uuid
 
     @property
     def nodes(self) -> frozenset[str]:
@@ -96,6 +111,7 @@ class LiveRing:
         if new == self.ring:
             return False
         old, self.ring = self.ring, new
+        self._owners = {}
         for listener in list(self._listeners):
             listener(old, new)
         return True

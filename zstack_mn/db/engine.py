@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import structlog
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import ColumnElement, event, func, literal_column, text
+from sqlalchemy import ColumnElement, Executable, Row, event, func, literal_column, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -47,12 +47,19 @@ class Database:
     """Engine, sessions, migrations and dialect helpers."""
 
     def __init__(
-        self, url: str, *, pool_size: int = 10, timeout: float = 10.0, idle_transaction_timeout: float | None = None
+        self,
+        url: str,
+        *,
+        pool_size: int = 4,
+        max_overflow: int = 4,
+        timeout: float = 10.0,
+        idle_transaction_timeout: float | None = None,
     ) -> None:
-        """``idle_transaction_timeout`` (PostgreSQL): the server ends a session of this process that
-        sits inside a transaction longer than this, releasing its row locks. A frozen node
-        (SIGSTOP, a stalled VM) must not hold locks that its successors wait on; set it below
-        the fencing time. ``timeout`` also bounds every lock wait."""
+        """``pool_size`` connections are kept open; up to ``max_overflow`` more are opened under
+        load and closed when returned idle (PostgreSQL). ``idle_transaction_timeout`` (PostgreSQL):
+        the server ends a session of this process that sits inside a transaction longer than this,
+        releasing its row locks. A frozen node (SIGSTOP, a stalled VM) must not hold locks that its
+        successors wait on; set it below the fencing time. ``timeout`` also bounds every lock wait."""
         self.url = normalise_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
@@ -68,13 +75,14 @@ class Database:
                 server_settings["idle_in_transaction_session_timeout"] = str(int(idle_transaction_timeout * 1000))
             kwargs.update(
                 pool_size=pool_size,
-                max_overflow=pool_size,
+                max_overflow=max_overflow,
                 pool_timeout=timeout,
                 connect_args={"timeout": timeout, "command_timeout": timeout, "server_settings": server_settings},
             )
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def is_sqlite(self) -> bool:
@@ -87,21 +95,16 @@ class Database:
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """One transaction; database outages become a retryable DATABASE_UNAVAILABLE error."""
-        try:
+        with _translated_errors():
             async with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
-            raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}") from exc
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "database connection lost") from exc
-            if _retryable(_sqlstate(exc)):
-                raise ZStackError(
-                    ErrorCode.DATABASE_UNAVAILABLE,
-                    f"the database is unavailable or busy (SQLSTATE {_sqlstate(exc)}); retry",
-                    sqlstate=_sqlstate(exc),
-                ) from exc
-            raise
+
+    async def fetch_one(self, statement: Executable, **params: Any) -> Row[Any]:
+        """Run one statement in autocommit mode (its own transaction: one round trip and one
+        commit) and return its single row; errors translated as in ``begin``."""
+        with _translated_errors():
+            async with self._autocommit.connect() as conn:
+                return (await conn.execute(statement, params)).one()
 
     def now(self) -> ColumnElement[Any]:
         """The database clock."""
@@ -133,6 +136,25 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+@contextlib.contextmanager
+def _translated_errors() -> Iterator[None]:
+    """Database outages and retryable SQLSTATEs become a retryable DATABASE_UNAVAILABLE error."""
+    try:
+        yield
+    except (OperationalError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
+        raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}") from exc
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "database connection lost") from exc
+        if _retryable(_sqlstate(exc)):
+            raise ZStackError(
+                ErrorCode.DATABASE_UNAVAILABLE,
+                f"the database is unavailable or busy (SQLSTATE {_sqlstate(exc)}); retry",
+                sqlstate=_sqlstate(exc),
+            ) from exc
+        raise
 
 
 RETRYABLE_SQLSTATES = {

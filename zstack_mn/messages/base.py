@@ -46,6 +46,9 @@ class Message(WireModel):
     SERVICE: ClassVar[str] = ""
     RESOURCE_FIELD: ClassVar[str | None] = None
     TARGET: ClassVar[type[Message] | None] = None
+    RECORDS_OUTCOME: ClassVar[bool] = False
+    """True when the handler itself records the outcome under the message id (the op record) and
+    answers a copy of the message from it, so the portal keeps no reply of its own."""
     type_name: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

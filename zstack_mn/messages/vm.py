@@ -17,6 +17,7 @@ class CreateVmInstanceMsg(Message):
     ring routes every copy of one request to one node, where they run serially."""
 
     SERVICE: ClassVar[str] = VM
+    RECORDS_OUTCOME: ClassVar[bool] = True
     name: Name
     cpu_num: int = Field(ge=1, le=1024)
     memory_size: ByteSize
@@ -27,6 +28,7 @@ class CreateVmInstanceMsg(Message):
 
 class _VmMsg(Message):
     RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    RECORDS_OUTCOME: ClassVar[bool] = True
     uuid: ResourceUuid
 
 

@@ -39,6 +39,7 @@ IDEMPOTENCY_HEADER = "idempotencyKey"
 RESULT_RETENTION_S = 24 * 3600
 RESULT_SWEEP_INTERVAL_S = 600
 IDEMPOTENCY_NAMESPACE = uuidlib.UUID("0b6f3c52-9a51-4d7e-a3f1-52c8b8e0d7a1")
+LOCAL_ID_ATTEMPTS = 64
 
 
 def request_id_for_key(key: str) -> str:
@@ -91,20 +92,36 @@ class ApiPortal(Service):
             return await self.query(msg), self.ctx.node_uuid
         if type(msg) not in ACTION_APIS or msg.TARGET is None:
             raise ZStackError(ErrorCode.NO_HANDLER, f"{msg.type_name} is not an API message")
-        if keyed:
+        store = keyed and not msg.TARGET.RECORDS_OUTCOME
+        if store:
             stored = await self.results.get(request_id)
             if stored is not None:
                 return stored["body"], stored["handledBy"]
-        inner = _with_resource_uuid(msg.TARGET.model_validate(msg.model_dump()), request_id)
+        inner = _with_resource_uuid(_as_target(msg, msg.TARGET), request_id)
         reply = await self.bus.call_envelope(inner, timeout=timeout, msg_id=request_id)
         if not reply.ok:
             assert reply.error is not None
             raise ZStackError.from_info(reply.error)
         body = {"inventory": reply.body}
         handled_by = reply.handled_by or self.ctx.node_uuid
-        if keyed:
+        if store:
             await self.results.put(request_id, {"body": body, "handledBy": handled_by})
         return body, handled_by
+
+    def new_request_id(self, msg: Message) -> str:
+        """A fresh id for a request without an idempotency key. For a creational message it is one
+        whose derived resource uuid this node owns, so the work stays in this process (no hop);
+        a retry of such a request is a new request anyway, since nothing ties it to this one."""
+        request_id = str(uuidlib.uuid4())
+        target = msg.TARGET
+        field = target.RESOURCE_FIELD if target is not None else None
+        if field is None or getattr(msg, field, None) is not None or len(self.ctx.ring.nodes) < 2:
+            return request_id
+        for _ in range(LOCAL_ID_ATTEMPTS):
+            if self.ctx.ring.is_mine(resource_uuid_for(request_id)):
+                return request_id
+            request_id = str(uuidlib.uuid4())
+        return request_id
 
     async def query(self, msg: Message) -> dict[str, Any]:
         if isinstance(msg, APIQueryVmInstanceMsg):
@@ -138,6 +155,12 @@ class ApiPortal(Service):
             )
             for r in rows
         ]
+
+
+def _as_target(msg: Message, target: type[Message]) -> Message:
+    """The service message an API message stands for, without validating again: the API twin
+    has the same fields, already validated."""
+    return target.model_construct(msg.model_fields_set, **{name: getattr(msg, name) for name in target.model_fields})
 
 
 def _with_resource_uuid(msg: Message, request_id: str) -> Message:

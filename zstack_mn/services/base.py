@@ -73,7 +73,7 @@ class Service:
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.chains = Chains(ctx.settings.service_concurrency)
+        self.chains = Chains()
         self._handlers: dict[type[Message], Callable[[Any, Request], Awaitable[dict[str, Any]]]] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr, None)

@@ -1,8 +1,10 @@
 """Per-resource serialisation (ZStack's ``chainSubmit`` with a sync signature).
 
 Work for one key runs one at a time, in submission order (asyncio.Lock wakes waiters FIFO);
-different keys run concurrently, at most ``concurrency`` at once. A key's chain is freed as soon
-as it has no work queued.
+different keys run concurrently, with no bound here: how much runs at once on a node is bounded
+where the work enters it (the broker prefetch of each queue it consumes and the HTTP server's
+concurrency limit, both ``max_in_flight``), so a task waiting on an agent costs its memory and
+nothing else. A key's chain is freed as soon as it has no work queued.
 
     async with chains.slot(vm_uuid): ...
 """
@@ -23,28 +25,26 @@ class _Chain:
 
 
 class Chains:
-    """Serial per key, bounded across keys."""
+    """Serial per key."""
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self) -> None:
         self._chains: dict[str, _Chain] = {}
-        self._slots = asyncio.Semaphore(concurrency)
 
     def __len__(self) -> int:
         return len(self._chains)
 
     @contextlib.asynccontextmanager
     async def slot(self, key: str | None) -> AsyncIterator[None]:
-        """Serial for ``key`` and one of the bounded concurrency slots."""
+        """Serial for ``key``; work without a key runs at once."""
         if key is None:
-            async with self._slots:
-                yield
+            yield
             return
-        async with self.serial(key), self._slots:
+        async with self.serial(key):
             yield
 
     @contextlib.asynccontextmanager
     async def serial(self, key: str) -> AsyncIterator[None]:
-        """Serial for ``key`` only: for work that already holds a concurrency slot."""
+        """Serial for ``key``."""
         chain = self._chains.get(key)
         if chain is None:
             chain = self._chains[key] = _Chain()

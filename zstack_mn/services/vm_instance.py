@@ -1,11 +1,12 @@
 """The ``vmInstance`` service.
 
-Every operation is: check the state machine → one transaction that reserves capacity (where it
-must) and moves the VM to its transient state by compare-and-set, recording the message id
+Every operation is: begin, one round trip to the database that checks the state machine, reserves
+capacity (where it must) and moves the VM to its transient state, recording the message id
 (``op_id``) and this node (``op_node``) → the agent call, carrying the message id, which the agent
-applies once → one transaction to the final state. A redelivered message (same id) finds its
-``op_id`` on the row and resumes instead of repeating. A VM left in a transient state by a node
-that is gone is reconciled by its new owner against the agent's real state.
+applies once → finish, one round trip to the final state with the op record. A redelivered
+message (same id) finds its ``op_id`` on the row and resumes instead of repeating. A VM left in a
+transient state by a node that is gone is reconciled by its new owner against the agent's real
+state. See ``zstack_mn.db.vm_transitions`` for the round trips themselves.
 """
 
 from __future__ import annotations
@@ -16,17 +17,14 @@ import time
 from typing import Any
 
 import structlog
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.agent.protocol import OP_APPLIED, VmOp
 from zstack_mn.bus.cloudbus import Request
 from zstack_mn.db.hosts import HostRepository
-from zstack_mn.db.results import OPERATION_PREFIX, ResultRepository
+from zstack_mn.db.vm_transitions import PLACE_HOST, PLACE_TARGET, Finish, Outcome, VmRow, vm_transitions
 from zstack_mn.db.vms import VmRepository, vm_inventory
 from zstack_mn.messages import Envelope, ErrorCode, ZStackError
 from zstack_mn.messages.events import VmStateChangedEvent
-from zstack_mn.messages.host import AllocateHostMsg
 from zstack_mn.messages.vm import (
     OPERATION_MESSAGES,
     VM,
@@ -44,6 +42,7 @@ from zstack_mn.services.ids import resource_uuid_for
 log = structlog.get_logger(__name__)
 
 RECONCILE_PAGE = 500
+CREATE_ATTEMPTS = 3
 TAKEOVER_MARGIN_S = 1.0
 TAKEOVER_POLL_S = 0.2
 
@@ -55,7 +54,7 @@ class VmInstanceService(Service):
         super().__init__(ctx)
         self.vms = VmRepository(ctx.db)
         self.hosts = HostRepository(ctx.db)
-        self.results = ResultRepository(ctx.db)
+        self.transitions = vm_transitions(ctx.db)
         self._reconciler: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -75,19 +74,6 @@ class VmInstanceService(Service):
         if old != new:
             await self.bus.publish(VmStateChangedEvent(vm_uuid=uuid, old_state=old, new_state=new, host_uuid=host))
 
-    async def _candidates(self, cpu: int, memory: int, preferred: str | None, req: Request) -> list[str]:
-        reply = await self.bus.call(
-            AllocateHostMsg(cpu_num=cpu, memory_size=memory, preferred_host_uuid=preferred),
-            timeout=_left(req, self.ctx.settings.call_timeout),
-        )
-        return list(reply["candidates"])
-
-    async def _reserve_any(self, conn: AsyncConnection, candidates: list[str], cpu: int, memory: int) -> str:
-        for host in candidates:
-            if await self.hosts.reserve(conn, host, cpu, memory):
-                return host
-        raise ZStackError(ErrorCode.NO_CAPACITY, f"no host could take {cpu} CPUs and {memory} bytes (all candidates full)")
-
     @handles(CreateVmInstanceMsg)
     async def create(self, msg: CreateVmInstanceMsg, req: Request) -> dict[str, Any]:
         if msg.uuid is not None:
@@ -97,38 +83,32 @@ class VmInstanceService(Service):
             return await self._create(uuid, msg, req)
 
     async def _create(self, uuid: str, msg: CreateVmInstanceMsg, req: Request) -> dict[str, Any]:
-        """Insert the VM (Starting, capacity reserved) and start it; a copy of the same request
-        finds the row it made and resumes. Runs serially per ``uuid``."""
-        existing = await self.vms.get(uuid)
-        if existing is not None:
-            if existing.op_id == req.envelope.id:
+        """Insert the VM (Starting, capacity reserved, in one round trip) and start it; a copy of
+        the same request finds the row it made and resumes. Runs serially per ``uuid``."""
+        await self.wait_unfenced(req)
+        for _ in range(CREATE_ATTEMPTS):
+            t = await self.transitions.create(
+                uuid, name=msg.name, cpu_num=msg.cpu_num, memory_size=msg.memory_size, only=msg.host_uuid,
+                state=s.STARTING, op_id=req.envelope.id, op_node=self.ctx.node_uuid,
+            )
+            if t.outcome is not Outcome.NO_CAPACITY or msg.host_uuid:
+                break
+        if t.outcome is Outcome.EXISTS:
+            assert t.vm is not None
+            if t.recorded is not None:
+                return vm_inventory(t.recorded).to_wire()
+            if t.vm.op_id == req.envelope.id:
                 return await self._operate(uuid, "start", req)
             raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid)
-        for attempt in range(3):
-            candidates = [msg.host_uuid] if msg.host_uuid else await self._candidates(msg.cpu_num, msg.memory_size, None, req)
-            await self.wait_unfenced(req)
-            try:
-                async with self.db.begin() as conn:
-                    host = await self._reserve_any(conn, candidates, msg.cpu_num, msg.memory_size)
-                    await self.vms.insert(
-                        conn,
-                        uuid=uuid,
-                        name=msg.name,
-                        state=s.STARTING,
-                        host_uuid=host,
-                        cpu_num=msg.cpu_num,
-                        memory_size=msg.memory_size,
-                        op_id=req.envelope.id,
-                        op_node=self.ctx.node_uuid,
-                    )
-                break
-            except ZStackError as exc:
-                if exc.code is not ErrorCode.NO_CAPACITY or msg.host_uuid or attempt == 2:
-                    raise
-            except IntegrityError:
-                raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid) from None
-        await self._event(uuid, None, s.STARTING, host)
-        return await self._operate(uuid, "start", req)
+        if t.outcome is Outcome.NO_CAPACITY:
+            where = f"host {msg.host_uuid}" if msg.host_uuid else "no connected, enabled host"
+            raise ZStackError(
+                ErrorCode.NO_CAPACITY, f"{where} has {msg.cpu_num} CPUs and {msg.memory_size} bytes free"
+            )
+        assert t.vm is not None
+        await self._event(uuid, None, s.STARTING, t.vm.host_uuid)
+        await self.wait_unfenced(req)
+        return await self._run(t.vm, t.agent_url, s.OPERATIONS["start"], req)
 
     @handles(StartVmInstanceMsg)
     async def start_vm(self, msg: StartVmInstanceMsg, req: Request) -> dict[str, Any]:
@@ -151,56 +131,74 @@ class VmInstanceService(Service):
         return await self._operate(msg.uuid, "migrate", req, target=msg.host_uuid)
 
     async def _operate(self, uuid: str, name: str, req: Request, target: str | None = None) -> dict[str, Any]:
+        """Begin (one round trip: state check, capacity, CAS, op record check), the agent call,
+        finish (one round trip). A copy of a message whose operation is under way resumes it; one
+        whose operation is finished is answered with the recorded result."""
         op = s.OPERATIONS[name]
-        op_id = req.envelope.id
-        done = await self.results.get(OPERATION_PREFIX + op_id)
-        if done is not None:
-            return done
-        loaded = await self.vms.get_with_agent(uuid)
-        if loaded is None:
+        await self.wait_unfenced(req)
+        place = PLACE_TARGET if name == "migrate" else PLACE_HOST if name == "start" else None
+        t = await self.transitions.begin(
+            uuid, op_id=req.envelope.id, op_node=self.ctx.node_uuid, allowed=op.allowed_from,
+            transient=op.transient, final=op.final, place=place, only=target,
+        )
+        vm = t.vm
+        if t.outcome is Outcome.MISSING or vm is None:
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
-        vm, agent_url = loaded, loaded.agent_url
-        resuming = vm.op_id == op_id and vm.state == op.transient
-        if vm.op_id == op_id and vm.state == op.final:
+        if t.outcome is Outcome.FINAL:
             return vm_inventory(vm).to_wire()
+        if t.outcome is Outcome.DONE:
+            assert t.recorded is not None
+            return vm_inventory(t.recorded).to_wire()
+        if t.outcome is Outcome.INVALID_STATE:
+            raise ZStackError(
+                ErrorCode.INVALID_STATE,
+                f"vm {uuid} is {vm.state}; cannot {name} it (allowed from {', '.join(sorted(op.allowed_from))})",
+                uuid=uuid,
+                state=vm.state,
+            )
+        if t.outcome is Outcome.SAME_HOST:
+            raise ZStackError(ErrorCode.INVALID_ARGUMENT, "hostUuid: the VM already runs on that host", field="hostUuid")
+        if t.outcome is Outcome.NO_CAPACITY:
+            if name == "migrate":
+                raise ZStackError(ErrorCode.NO_CAPACITY, "no other host can take this VM")
+            raise ZStackError(
+                ErrorCode.NO_CAPACITY, f"no connected, enabled host has {vm.cpu_num} CPUs and {vm.memory_size} bytes free"
+            )
+        if t.outcome is Outcome.RESUME:
+            if vm.op_node != self.ctx.node_uuid:
+                await self._outlive_previous_call(vm, t.agent_url, req)
+                vm = await self._take_over(vm)
+        else:
+            await self._event(uuid, t.previous, op.transient, vm.host_uuid)
         await self.wait_unfenced(req)
-        if resuming and vm.op_node != self.ctx.node_uuid:
-            await self._outlive_previous_call(vm, agent_url, req)
-            vm = await self._take_over(vm)
-        if not resuming:
-            before = vm.host_uuid
-            try:
-                vm = await self._begin(vm, name, req, target)
-            except _AlreadyDone as done_elsewhere:
-                return done_elsewhere.result
-            if vm.host_uuid != before:
-                host = await self.hosts.get(vm.host_uuid) if vm.host_uuid else None
-                agent_url = host.agent_url if host is not None else None
-        await self.wait_unfenced(req)
+        return await self._run(vm, t.agent_url, op, req)
+
+    async def _run(self, vm: VmRow, agent_url: str | None, op: s.Operation, req: Request) -> dict[str, Any]:
+        """The agent call of an operation that has begun, fenced by the VM's version, then its finish."""
         if vm.host_uuid is None or agent_url is None:
-            return await self._finish(vm, op, None)
-        target_id = vm.target_host_uuid
+            return await self._finish(vm, op)
+        assert vm.op_id is not None
         try:
             await self.ctx.agents.vm_op(
                 agent_url,
-                uuid,
+                vm.uuid,
                 op.agent_op,
-                VmOp(op_id=op_id, fence=vm.version, cpu_num=vm.cpu_num, memory_size=vm.memory_size,
-                     target_host_id=target_id),
+                VmOp(op_id=vm.op_id, fence=vm.version, cpu_num=vm.cpu_num, memory_size=vm.memory_size,
+                     target_host_id=vm.target_host_uuid),
             )
-        except ZStackError as exc:
-            await self._settle_from_agent(vm, fallback_failed_start=name == "start")
-            raise exc
+        except ZStackError:
+            await self._settle_from_agent(vm, fallback_failed_start=op.agent_op == "start")
+            raise
         await self.wait_unfenced(req)
-        return await self._finish(vm, op, target_id)
+        return await self._finish(vm, op)
 
-    async def _outlive_previous_call(self, vm: Any, agent_url: str | None, req: Request) -> None:
+    async def _outlive_previous_call(self, vm: VmRow, agent_url: str | None, req: Request) -> None:
         """Before resuming an operation another node began, make sure that node's agent call
         for it is over: a dead or frozen node's request may still be on its way to the agent,
         and two requests about one VM in flight at once is dual ownership. Over when the agent
         has applied the op id; otherwise wait (asking again) until the previous owner's call
         deadline, ``agent_timeout`` after the operation began in database time, has passed."""
-        if agent_url is None:
+        if agent_url is None or vm.op_id is None:
             return
         since = await self.vms.seconds_since_change(vm.uuid)
         window_end = time.monotonic() + self.ctx.settings.agent_timeout + TAKEOVER_MARGIN_S - (since or 0.0)
@@ -224,88 +222,32 @@ class VmInstanceService(Service):
                 waited = True
             await asyncio.sleep(min(TAKEOVER_POLL_S, left))
 
-    async def _take_over(self, vm: Any) -> Any:
+    async def _take_over(self, vm: VmRow) -> VmRow:
         """Make this node the operation's node: a compare-and-set that raises the VM's version,
         which is the fence the agent call carries, so the previous node's late call is refused."""
         async with self.db.begin() as conn:
             fresh = await self.vms.cas(conn, vm.uuid, vm.version, op_node=self.ctx.node_uuid)
         if fresh is None:
             raise ZStackError(ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} changed concurrently; retry")
-        return fresh
+        return VmRow.of(fresh._mapping)
 
-    async def _begin(self, vm: Any, name: str, req: Request, target: str | None) -> Any:
-        """State machine check + capacity + CAS to the transient state, in one transaction, which
-        also makes sure the operation was not finished already (a stale copy of its message,
-        handled by a node that was frozen since: the VM may have moved on since)."""
-        op = s.OPERATIONS[name]
-        if vm.state not in op.allowed_from:
+    async def _finish(self, vm: VmRow, op: s.Operation) -> dict[str, Any]:
+        """Transient → final, with the capacity bookkeeping of ``op`` and the op record, in one
+        round trip that writes nothing unless the compare-and-set wins. When it loses (the VM was
+        taken over, or its host disconnected), the answer is the outcome recorded by whoever
+        finished the operation, or a retryable error: never a state this node did not decide."""
+        t = await self.transitions.finish(vm, _final_values(vm, op))
+        if t.outcome is Outcome.CONFLICT or t.vm is None:
+            if t.recorded is not None:
+                return vm_inventory(t.recorded).to_wire()
+            log.warning("vm changed while the operation ran; its outcome is not this node's to report", vm=vm.uuid)
             raise ZStackError(
-                ErrorCode.INVALID_STATE,
-                f"vm {vm.uuid} is {vm.state}; cannot {name} it (allowed from {', '.join(sorted(op.allowed_from))})",
+                ErrorCode.CONCURRENT_MODIFICATION,
+                f"vm {vm.uuid} changed while the operation ran (taken over or its host disconnected); retry",
                 uuid=vm.uuid,
-                state=vm.state,
             )
-        values: dict[str, Any] = {"state": op.transient, "op_id": req.envelope.id, "op_node": self.ctx.node_uuid}
-        candidates: list[str] = []
-        if name == "start" and vm.host_uuid is None:
-            candidates = await self._candidates(vm.cpu_num, vm.memory_size, vm.last_host_uuid, req)
-        elif name == "migrate":
-            if target == vm.host_uuid:
-                raise ZStackError(ErrorCode.INVALID_ARGUMENT, "hostUuid: the VM already runs on that host", field="hostUuid")
-            candidates = [target] if target else [
-                h for h in await self._candidates(vm.cpu_num, vm.memory_size, None, req) if h != vm.host_uuid
-            ]
-            if not candidates:
-                raise ZStackError(ErrorCode.NO_CAPACITY, "no other host can take this VM")
-        async with self.db.begin() as conn:
-            recorded = await self.results.get_in(conn, OPERATION_PREFIX + req.envelope.id)
-            if recorded is not None:
-                raise _AlreadyDone(recorded)
-            if candidates:
-                chosen = await self._reserve_any(conn, candidates, vm.cpu_num, vm.memory_size)
-                values["target_host_uuid" if name == "migrate" else "host_uuid"] = chosen
-            fresh = await self.vms.cas(conn, vm.uuid, vm.version, **values)
-            if fresh is None:
-                raise ZStackError(ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} changed concurrently; retry")
-        await self._event(vm.uuid, vm.state, op.transient, fresh.host_uuid)
-        return fresh
-
-    async def _finish(self, vm: Any, op: s.Operation, target: str | None) -> dict[str, Any]:
-        """Transient → final, with the capacity bookkeeping of ``op``, in one transaction that
-        writes nothing unless the compare-and-set wins."""
-        values: dict[str, Any] = {"state": op.final}
-        release: str | None = None
-        if op.agent_op in ("stop", "destroy"):
-            release = vm.host_uuid
-            values.update(host_uuid=None, last_host_uuid=vm.host_uuid or vm.last_host_uuid)
-        elif op.agent_op == "migrate" and target:
-            release = vm.host_uuid
-            values.update(host_uuid=target, last_host_uuid=vm.host_uuid, target_host_uuid=None)
-        async with self.db.begin() as conn:
-            fresh = await self.vms.cas(conn, vm.uuid, vm.version, **values)
-            if fresh is not None:
-                if release is not None:
-                    await self.hosts.release(conn, release, vm.cpu_num, vm.memory_size)
-                inventory = vm_inventory(fresh).to_wire()
-                await self.results.record_in(conn, OPERATION_PREFIX + vm.op_id, inventory)
-        if fresh is None:
-            return await self._decided_elsewhere(vm)
-        await self._event(vm.uuid, vm.state, op.final, fresh.host_uuid)
-        return inventory
-
-    async def _decided_elsewhere(self, vm: Any) -> dict[str, Any]:
-        """The VM changed while this node ran the operation (another node took it over, or its
-        host disconnected): answer with the outcome recorded by whoever finished it, or a
-        retryable error, never with a state this node did not decide."""
-        recorded = await self.results.get(OPERATION_PREFIX + vm.op_id)
-        if recorded is not None:
-            return recorded
-        log.warning("vm changed while the operation ran; its outcome is not this node's to report", vm=vm.uuid)
-        raise ZStackError(
-            ErrorCode.CONCURRENT_MODIFICATION,
-            f"vm {vm.uuid} changed while the operation ran (taken over or its host disconnected); retry",
-            uuid=vm.uuid,
-        )
+        await self._event(vm.uuid, vm.state, op.final, t.vm.host_uuid)
+        return vm_inventory(t.vm).to_wire()
 
     async def _settle_from_agent(self, vm: Any, *, fallback_failed_start: bool = False) -> None:
         """Set a VM in a transient state to what its agent reports (capacity follows). Not on
@@ -406,16 +348,10 @@ class VmInstanceService(Service):
                     settled += 1
 
 
-class _AlreadyDone(Exception):
-    """The operation was finished (by this or another node) before this copy could begin it."""
-
-    def __init__(self, result: dict[str, Any]) -> None:
-        super().__init__("operation already done")
-        self.result = result
-
-
-def _left(req: Request, default: float) -> float:
-    left = req.time_left()
-    return default if left is None else max(left, 0.001)
-
-
+def _final_values(vm: VmRow, op: s.Operation) -> Finish:
+    """Where the VM is after ``op`` and which host gets its capacity back."""
+    if op.agent_op in ("stop", "destroy"):
+        return Finish(op.final, None, vm.host_uuid or vm.last_host_uuid, vm.target_host_uuid, vm.host_uuid)
+    if op.agent_op == "migrate" and vm.target_host_uuid:
+        return Finish(op.final, vm.target_host_uuid, vm.host_uuid, None, vm.host_uuid)
+    return Finish(op.final, vm.host_uuid, vm.last_host_uuid, vm.target_host_uuid, None)

@@ -13,6 +13,7 @@ import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -81,6 +82,11 @@ CreateVmRequest = create_model("CreateVmRequest", __config__=ConfigDict(extra="f
 AddHostRequest = create_model("AddHostRequest", __config__=ConfigDict(extra="forbid"), params=(APIAddHostMsg, ...))
 
 
+def _json(body: dict[str, Any], handled_by: str) -> Response:
+    """A reply body as JSON bytes (orjson), with the node that handled it."""
+    return Response(orjson.dumps(body), media_type="application/json", headers={HANDLED_BY: handled_by})
+
+
 def error_response(err: ZStackError) -> JSONResponse:
     return JSONResponse({"error": err.to_info().model_dump()}, status_code=err.code.http_status)  # type: ignore[attr-defined]
 
@@ -126,11 +132,14 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
-    async def run(msg: Message, key: str | None, response: Response) -> dict[str, Any]:
-        request_id = request_id_for_key(key) if key else str(uuidlib.uuid4())
-        body, handled_by = await portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout)
-        response.headers[HANDLED_BY] = handled_by
-        return body
+    async def answer(msg: Message, key: str | None) -> tuple[dict[str, Any], str]:
+        request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
+        return await portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout)
+
+    async def run(msg: Message, key: str | None) -> Response:
+        """The portal's answer as the HTTP response (orjson, no second validation of the body)."""
+        body, handled_by = await answer(msg, key)
+        return _json(body, handled_by)
 
     def build(api: type[Message], data: dict[str, Any]) -> Message:
         try:
@@ -142,74 +151,72 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
     key_header = Header(None, alias="Idempotency-Key", max_length=200)
 
     @app.post("/v1/vm-instances", dependencies=guard, tags=["vm"])
-    async def create_vm(body: CreateVmRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
-        return await run(body.params, key, response)  # type: ignore[attr-defined]
+    async def create_vm(body: CreateVmRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
+        return await run(body.params, key)  # type: ignore[attr-defined]
 
     @app.get("/v1/vm-instances", dependencies=guard, tags=["vm"])
     async def query_vms(
-        response: Response,
         uuid: str | None = None,
         name: str | None = None,
         state: str | None = None,
         hostUuid: str | None = None,  # noqa: N803
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         start: int = Query(0, ge=0),
-    ) -> dict[str, Any]:
+    ) -> Response:
         msg = build(APIQueryVmInstanceMsg, {"uuid": uuid, "name": name, "state": state, "hostUuid": hostUuid, "limit": limit, "start": start})
-        return await run(msg, None, response)
+        return await run(msg, None)
 
-    async def get_one(query: type[Message], kind: str, uuid: str, response: Response) -> dict[str, Any]:
-        page = await run(build(query, {"uuid": _uuid(uuid)}), None, response)
+    async def get_one(query: type[Message], kind: str, uuid: str) -> Response:
+        page, handled_by = await answer(build(query, {"uuid": _uuid(uuid)}), None)
         if not page["inventories"]:
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"{kind} {uuid} not found", uuid=uuid)
-        return {"inventory": page["inventories"][0]}
+        return _json({"inventory": page["inventories"][0]}, handled_by)
 
     @app.get("/v1/vm-instances/{uuid}", dependencies=guard, tags=["vm"])
-    async def get_vm(uuid: str, response: Response) -> dict[str, Any]:
-        return await get_one(APIQueryVmInstanceMsg, "vm", uuid, response)
+    async def get_vm(uuid: str) -> Response:
+        return await get_one(APIQueryVmInstanceMsg, "vm", uuid)
 
     @app.put("/v1/vm-instances/{uuid}/actions", dependencies=guard, tags=["vm"])
-    async def vm_action(uuid: str, body: VmActionRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
-        return await run(_action_message(uuid, body, VM_ACTIONS, build), key, response)
+    async def vm_action(uuid: str, body: VmActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
+        return await run(_action_message(uuid, body, VM_ACTIONS), key)
 
     @app.delete("/v1/vm-instances/{uuid}", dependencies=guard, tags=["vm"])
-    async def destroy_vm(uuid: str, response: Response, key: str | None = key_header) -> dict[str, Any]:
-        return await run(build(APIDestroyVmInstanceMsg, {"uuid": _uuid(uuid)}), key, response)
+    async def destroy_vm(uuid: str, key: str | None = key_header) -> Response:
+        return await run(build(APIDestroyVmInstanceMsg, {"uuid": _uuid(uuid)}), key)
 
     @app.post("/v1/hosts", dependencies=guard, tags=["host"])
-    async def add_host(body: AddHostRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
-        return await run(body.params, key, response)  # type: ignore[attr-defined]
+    async def add_host(body: AddHostRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
+        return await run(body.params, key)  # type: ignore[attr-defined]
 
     @app.get("/v1/hosts", dependencies=guard, tags=["host"])
     async def query_hosts(
-        response: Response,
         uuid: str | None = None,
         name: str | None = None,
         state: str | None = None,
         status: str | None = None,
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         start: int = Query(0, ge=0),
-    ) -> dict[str, Any]:
+    ) -> Response:
         msg = build(APIQueryHostMsg, {"uuid": uuid, "name": name, "state": state, "status": status, "limit": limit, "start": start})
-        return await run(msg, None, response)
+        return await run(msg, None)
 
     @app.get("/v1/hosts/{uuid}", dependencies=guard, tags=["host"])
-    async def get_host(uuid: str, response: Response) -> dict[str, Any]:
-        return await get_one(APIQueryHostMsg, "host", uuid, response)
+    async def get_host(uuid: str) -> Response:
+        return await get_one(APIQueryHostMsg, "host", uuid)
 
     @app.put("/v1/hosts/{uuid}/actions", dependencies=guard, tags=["host"])
-    async def host_action(uuid: str, body: HostActionRequest, response: Response, key: str | None = key_header) -> dict[str, Any]:  # type: ignore[valid-type]
-        return await run(_action_message(uuid, body, HOST_ACTIONS, build), key, response)
+    async def host_action(uuid: str, body: HostActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
+        return await run(_action_message(uuid, body, HOST_ACTIONS), key)
 
     @app.delete("/v1/hosts/{uuid}", dependencies=guard, tags=["host"])
-    async def delete_host(uuid: str, response: Response, key: str | None = key_header) -> dict[str, Any]:
-        return await run(build(APIDeleteHostMsg, {"uuid": _uuid(uuid)}), key, response)
+    async def delete_host(uuid: str, key: str | None = key_header) -> Response:
+        return await run(build(APIDeleteHostMsg, {"uuid": _uuid(uuid)}), key)
 
     @app.get("/v1/management-nodes", dependencies=guard, tags=["cluster"])
     async def management_nodes(
-        response: Response, limit: int = Query(100, ge=1, le=MAX_PAGE), start: int = Query(0, ge=0)
-    ) -> dict[str, Any]:
-        return await run(build(APIQueryManagementNodeMsg, {"limit": limit, "start": start}), None, response)
+        limit: int = Query(100, ge=1, le=MAX_PAGE), start: int = Query(0, ge=0)
+    ) -> Response:
+        return await run(build(APIQueryManagementNodeMsg, {"limit": limit, "start": start}), None)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -246,11 +253,11 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
-def _action_message(
-    uuid: str, body: BaseModel, actions: dict[str, type[Message]], build: Callable[[type[Message], dict[str, Any]], Message]
-) -> Message:
+def _action_message(uuid: str, body: BaseModel, actions: dict[str, type[Message]]) -> Message:
+    """The API message of the one action in ``body``, from its already validated parameters."""
     for key, api in actions.items():
         params = getattr(body, key)
         if params is not None:
-            return build(api, {"uuid": _uuid(uuid), **params.model_dump(by_alias=True, exclude_none=True)})
+            values = {name: getattr(params, name) for name in params.model_fields_set}
+            return api.model_construct({"uuid", *values}, uuid=_uuid(uuid), **values)
     raise ZStackError(ErrorCode.INVALID_ARGUMENT, "no action given")

@@ -22,9 +22,13 @@ class _QuietServer(uvicorn.Server):
 class EmbeddedServer:
     """Serves an ASGI app on host:port from the caller's loop; ``port`` 0 picks a free port."""
 
-    def __init__(self, app: Any, host: str, port: int, *, startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, *, startup_timeout: float = 10.0, limit_concurrency: int | None = None
+    ) -> None:
+        """``limit_concurrency``: requests over it at once are answered 503 at once, not queued."""
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            app, host=host, port=port, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+            limit_concurrency=limit_concurrency, backlog=4096,
         )
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
