@@ -14,7 +14,8 @@ import uuid as uuidlib
 from abc import ABC, abstractmethod
 from typing import Any
 
-import httpx
+import aiohttp
+import orjson
 
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.cloudbus import _Pending
@@ -90,21 +91,31 @@ class HttpTransport(ApiTransport):
     Retries reuse one Idempotency-Key, so a retry on another node is applied once."""
 
     def __init__(
-        self, urls: list[str], token: str | None = None, timeout: float = 30.0, attempt_timeout: float = 10.0
+        self,
+        urls: list[str],
+        token: str | None = None,
+        timeout: float = 30.0,
+        attempt_timeout: float = 10.0,
+        max_connections: int = 100,
     ) -> None:
         if not urls:
             raise ValueError("at least one node URL is needed")
         self.attempt_timeout = attempt_timeout
         self.urls = [u.rstrip("/") for u in urls]
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(headers=headers, timeout=timeout)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
         self._next = 0
         self._suspect_until: dict[str, float] = {}
         self.last_handled_by: str | None = None
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
         method, path, body, query = _http_route(msg)
-        headers = {}
+        headers = dict(self._headers)
+        data = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = "application/json"
         if method != "GET":
             headers["Idempotency-Key"] = key or str(uuidlib.uuid4())
         deadline = asyncio.get_running_loop().time() + timeout
@@ -116,21 +127,24 @@ class HttpTransport(ApiTransport):
             attempts += 1
             try:
                 left = max(deadline - asyncio.get_running_loop().time(), 0.01)
-                resp = await self._http.request(
-                    method, url + path, json=body, params=query, headers=headers, timeout=min(left, self.attempt_timeout)
-                )
-            except httpx.HTTPError as exc:
+                async with asyncio.timeout(min(left, self.attempt_timeout)):
+                    async with self._http().request(
+                        method, url + path, data=data, params=query, headers=headers
+                    ) as resp:
+                        status, content = resp.status, await resp.read()
+                        handled_by = resp.headers.get("X-Handled-By")
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 last = ZStackError(ErrorCode.BUS_UNAVAILABLE, f"{url}: {type(exc).__name__}")
                 self._suspect_until[url] = asyncio.get_running_loop().time() + SUSPECT_FOR
                 self._next += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            self.last_handled_by = resp.headers.get("X-Handled-By")
-            err = _error_of(resp)
+            self.last_handled_by = handled_by
+            err, reply = _outcome(status, content)
             if err is None:
-                return dict(resp.json())
-            if resp.status_code in RETRYABLE_HTTP and err.retryable:
+                return reply
+            if status in RETRYABLE_HTTP and err.retryable:
                 last = err
                 self._next += 1
                 await asyncio.sleep(delay)
@@ -150,26 +164,35 @@ class HttpTransport(ApiTransport):
                 return url
         return min(self.urls, key=lambda u: self._suspect_until.get(u, 0.0))
 
+    def _http(self) -> aiohttp.ClientSession:
+        """The connection pool, made on first use (inside the caller's event loop)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_connections))
+        return self._session
+
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
-def _error_of(resp: httpx.Response) -> ZStackError | None:
-    """None for a success; the error of a failure. A 5xx without our JSON body (the server was
-    stopping, a proxy answered) counts as a retryable BUS_UNAVAILABLE, so the client fails over."""
+def _outcome(status: int, content: bytes) -> tuple[ZStackError | None, dict[str, Any]]:
+    """(None, body) for a success; (the error, {}) for a failure. A 5xx without our JSON body (the
+    server was stopping, a proxy answered) counts as a retryable BUS_UNAVAILABLE, so the client
+    fails over."""
     try:
-        data = resp.json() if resp.content else {}
-    except ValueError:
+        data = orjson.loads(content) if content else {}
+    except orjson.JSONDecodeError:
         data = None
-    if resp.status_code < 400 and isinstance(data, dict):
-        return None
+    if status < 400 and isinstance(data, dict):
+        return None, data
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         try:
-            return ZStackError.from_info(ErrorInfo.model_validate(data["error"]))
+            return ZStackError.from_info(ErrorInfo.model_validate(data["error"])), {}
         except ValueError:
             pass
-    code = ErrorCode.BUS_UNAVAILABLE if resp.status_code >= 500 else ErrorCode.INTERNAL_ERROR
-    return ZStackError(code, f"HTTP {resp.status_code}: {resp.text[:200]}", status=resp.status_code)
+    code = ErrorCode.BUS_UNAVAILABLE if status >= 500 else ErrorCode.INTERNAL_ERROR
+    text = content[:200].decode(errors="replace")
+    return ZStackError(code, f"HTTP {status}: {text}", status=status), {}
 
 
 class AmqpApiTransport(ApiTransport):

@@ -1,12 +1,18 @@
 """HTTP client of the hypervisor agent. Every request has a deadline; every failure becomes a
-ZStackError with an AGENT_* code."""
+ZStackError with an AGENT_* code.
+
+aiohttp rather than httpx: on this project's machines an httpx request cost about 2 ms of CPU
+against 0.1–0.2 ms for aiohttp (the same agent, 16 at once), and every VM operation makes one.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import httpx
+import aiohttp
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from zstack_mn.agent.protocol import HostFacts, OpState, VmList, VmOp, VmStatus
@@ -14,10 +20,11 @@ from zstack_mn.messages import ErrorCode, ZStackError
 
 T = TypeVar("T", bound=BaseModel)
 NODE_HEADER = "X-ZStack-Node"
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class AgentClient:
-    """One pooled HTTP client for every agent this node talks to."""
+    """One pooled HTTP client for every agent this node talks to. Create it inside the node's loop."""
 
     def __init__(
         self,
@@ -27,74 +34,90 @@ class AgentClient:
         max_connections: int = 1_000,
         pool_timeout: float | None = None,
     ) -> None:
-        """``fenced``: asked again just before each VM operation leaves this process, so that a
-        node frozen since its last check sends nothing once it wakes fenced. ``max_connections``
-        bounds the agent requests in flight at once (all kept alive: an operation that waits on
-        its agent keeps its connection); a request waits for a free one up to ``pool_timeout``
-        (default ``timeout``)."""
+        """``fenced``: asked again just before each VM operation leaves this process (after it
+        has its connection), so that a node frozen or cut off since its last check sends nothing.
+        ``max_connections`` bounds the agent requests in flight at once (all kept alive: an
+        operation that waits on its agent keeps its connection); a request waits for a free one
+        up to ``pool_timeout`` (default ``timeout``), then answers for itself within ``timeout``."""
         self.timeout = timeout
+        self.pool_timeout = timeout if pool_timeout is None else pool_timeout
         self.fenced = fenced
-        self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, pool=timeout if pool_timeout is None else pool_timeout),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        self._slots = asyncio.Semaphore(max_connections)
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=timeout),
             headers={NODE_HEADER: node_uuid} if node_uuid else None,
-            event_hooks={"request": [self._last_check]},
         )
 
-    async def _last_check(self, request: httpx.Request) -> None:
-        if request.method == "POST" and "/vms/" in request.url.path and self.fenced is not None and self.fenced():
-            raise ZStackError(ErrorCode.NODE_FENCED, "this node is fenced; the VM operation was not sent")
-
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
-    async def _request(self, method: str, url: str, model: type[T], body: BaseModel | None = None) -> T:
-        kwargs: dict[str, Any] = {}
-        if body is not None:
-            kwargs["json"] = body.model_dump(mode="json", by_alias=True, exclude_none=True)
+    async def _request(
+        self, method: str, url: str, model: type[T] | None, body: BaseModel | None = None, *, vm_op: bool = False
+    ) -> T | None:
+        data = None if body is None else orjson.dumps(body.model_dump(mode="json", by_alias=True, exclude_none=True))
         try:
-            resp = await self._http.request(method, url, **kwargs)
-        except httpx.TimeoutException:
+            async with asyncio.timeout(self.pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ZStackError(
+                ErrorCode.AGENT_TIMEOUT, f"no connection to agents free within {self.pool_timeout:g}s"
+            ) from None
+        try:
+            if vm_op and self.fenced is not None and self.fenced():
+                raise ZStackError(ErrorCode.NODE_FENCED, "this node is fenced; the VM operation was not sent")
+            async with self._http.request(method, url, data=data, headers=JSON_HEADERS if data else None) as resp:
+                status, content = resp.status, await resp.read()
+        except TimeoutError:
             raise ZStackError(ErrorCode.AGENT_TIMEOUT, f"agent {url} did not answer within {self.timeout:g}s") from None
-        except httpx.HTTPError as exc:
+        except (aiohttp.ClientError, ValueError, OSError) as exc:
             raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {url} unreachable: {type(exc).__name__}") from None
-        if resp.status_code == 503:
+        finally:
+            self._slots.release()
+        if status == 503:
             raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {url} is down")
-        if resp.status_code >= 400:
-            detail = _detail(resp)
-            raise ZStackError(ErrorCode.AGENT_ERROR, f"agent error {resp.status_code}: {detail}", status=resp.status_code)
+        if status >= 400:
+            raise ZStackError(ErrorCode.AGENT_ERROR, f"agent error {status}: {_detail(content)}", status=status)
+        if model is None:
+            return None
         try:
-            return model.model_validate_json(resp.content)
+            return model.model_validate_json(content)
         except ValidationError:
             raise ZStackError(ErrorCode.AGENT_ERROR, f"agent {url} sent an unreadable answer") from None
 
     async def connect(self, agent_url: str) -> HostFacts:
-        return await self._request("POST", f"{agent_url}/connect", HostFacts)
+        facts = await self._request("POST", f"{agent_url}/connect", HostFacts)
+        assert facts is not None
+        return facts
 
     async def ping(self, agent_url: str) -> None:
         try:
-            resp = await self._http.get(f"{agent_url}/ping")
-        except httpx.TimeoutException:
-            raise ZStackError(ErrorCode.AGENT_TIMEOUT, f"agent {agent_url} ping timed out") from None
-        except httpx.HTTPError as exc:
-            raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {agent_url} unreachable: {type(exc).__name__}") from None
-        if resp.status_code != 200:
-            raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {agent_url} ping answered {resp.status_code}")
+            await self._request("GET", f"{agent_url}/ping", None)
+        except ZStackError as exc:
+            if exc.code is ErrorCode.AGENT_ERROR:
+                raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {agent_url} ping failed: {exc.description}") from None
+            raise
 
     async def vm_op(self, agent_url: str, vm_uuid: str, op: str, req: VmOp) -> VmStatus:
-        return await self._request("POST", f"{agent_url}/vms/{vm_uuid}/{op}", VmStatus, req)
+        status = await self._request("POST", f"{agent_url}/vms/{vm_uuid}/{op}", VmStatus, req, vm_op=True)
+        assert status is not None
+        return status
 
     async def op_state(self, agent_url: str, op_id: str) -> str:
         """``applied``, ``in_flight`` or ``unknown`` (see ``OpState``)."""
-        return (await self._request("GET", f"{agent_url}/ops/{op_id}", OpState)).state
+        state = await self._request("GET", f"{agent_url}/ops/{op_id}", OpState)
+        assert state is not None
+        return state.state
 
     async def list_vms(self, agent_url: str) -> VmList:
-        return await self._request("GET", f"{agent_url}/vms", VmList)
+        listing = await self._request("GET", f"{agent_url}/vms", VmList)
+        assert listing is not None
+        return listing
 
 
-def _detail(resp: httpx.Response) -> str:
+def _detail(content: bytes) -> str:
     try:
-        data = resp.json()
-        return str(data.get("detail", data))
-    except ValueError:
-        return resp.text[:200]
+        data: Any = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return content[:200].decode(errors="replace")
+    return str(data.get("detail", data)) if isinstance(data, dict) else str(data)
