@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,6 +44,7 @@ from zstack_mn.messages.rest import HOST_ACTIONS, VM_ACTIONS
 from zstack_mn.services.api_portal import ApiPortal, request_id_for_key
 
 MAX_BODY_BYTES = 64 * 1024
+API_PREFIX = "/v1/"
 HANDLED_BY = "X-Handled-By"
 
 
@@ -103,10 +104,6 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
     """The FastAPI app of one node."""
     app = FastAPI(title="zstack-mn", version="0.1.0", description="Management-node API (ZStack style REST).")
 
-    async def authorize(authorization: str | None = Header(None, include_in_schema=False)) -> None:
-        if api_token and authorization != f"Bearer {api_token}":
-            raise ZStackError(ErrorCode.UNAUTHORIZED, "a valid bearer token is required")
-
     @app.exception_handler(ZStackError)
     async def _zstack_error(_: Request, exc: ZStackError) -> JSONResponse:
         return error_response(exc)
@@ -130,7 +127,7 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
         resp.status_code = exc.status_code
         return resp
 
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    app.add_middleware(Gate, limit=MAX_BODY_BYTES, token=api_token)
 
     async def answer(msg: Message, key: str | None) -> tuple[dict[str, Any], str]:
         request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
@@ -147,14 +144,13 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
         except ValidationError as exc:
             raise validation_error(exc, api.type_name) from None
 
-    guard = [Depends(authorize)]
     key_header = Header(None, alias="Idempotency-Key", max_length=200)
 
-    @app.post("/v1/vm-instances", dependencies=guard, tags=["vm"])
+    @app.post("/v1/vm-instances", tags=["vm"])
     async def create_vm(body: CreateVmRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
         return await run(body.params, key)  # type: ignore[attr-defined]
 
-    @app.get("/v1/vm-instances", dependencies=guard, tags=["vm"])
+    @app.get("/v1/vm-instances", tags=["vm"])
     async def query_vms(
         uuid: str | None = None,
         name: str | None = None,
@@ -172,23 +168,23 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"{kind} {uuid} not found", uuid=uuid)
         return _json({"inventory": page["inventories"][0]}, handled_by)
 
-    @app.get("/v1/vm-instances/{uuid}", dependencies=guard, tags=["vm"])
+    @app.get("/v1/vm-instances/{uuid}", tags=["vm"])
     async def get_vm(uuid: str) -> Response:
         return await get_one(APIQueryVmInstanceMsg, "vm", uuid)
 
-    @app.put("/v1/vm-instances/{uuid}/actions", dependencies=guard, tags=["vm"])
+    @app.put("/v1/vm-instances/{uuid}/actions", tags=["vm"])
     async def vm_action(uuid: str, body: VmActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
         return await run(_action_message(uuid, body, VM_ACTIONS), key)
 
-    @app.delete("/v1/vm-instances/{uuid}", dependencies=guard, tags=["vm"])
+    @app.delete("/v1/vm-instances/{uuid}", tags=["vm"])
     async def destroy_vm(uuid: str, key: str | None = key_header) -> Response:
         return await run(build(APIDestroyVmInstanceMsg, {"uuid": _uuid(uuid)}), key)
 
-    @app.post("/v1/hosts", dependencies=guard, tags=["host"])
+    @app.post("/v1/hosts", tags=["host"])
     async def add_host(body: AddHostRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
         return await run(body.params, key)  # type: ignore[attr-defined]
 
-    @app.get("/v1/hosts", dependencies=guard, tags=["host"])
+    @app.get("/v1/hosts", tags=["host"])
     async def query_hosts(
         uuid: str | None = None,
         name: str | None = None,
@@ -200,19 +196,19 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
         msg = build(APIQueryHostMsg, {"uuid": uuid, "name": name, "state": state, "status": status, "limit": limit, "start": start})
         return await run(msg, None)
 
-    @app.get("/v1/hosts/{uuid}", dependencies=guard, tags=["host"])
+    @app.get("/v1/hosts/{uuid}", tags=["host"])
     async def get_host(uuid: str) -> Response:
         return await get_one(APIQueryHostMsg, "host", uuid)
 
-    @app.put("/v1/hosts/{uuid}/actions", dependencies=guard, tags=["host"])
+    @app.put("/v1/hosts/{uuid}/actions", tags=["host"])
     async def host_action(uuid: str, body: HostActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
         return await run(_action_message(uuid, body, HOST_ACTIONS), key)
 
-    @app.delete("/v1/hosts/{uuid}", dependencies=guard, tags=["host"])
+    @app.delete("/v1/hosts/{uuid}", tags=["host"])
     async def delete_host(uuid: str, key: str | None = key_header) -> Response:
         return await run(build(APIDeleteHostMsg, {"uuid": _uuid(uuid)}), key)
 
-    @app.get("/v1/management-nodes", dependencies=guard, tags=["cluster"])
+    @app.get("/v1/management-nodes", tags=["cluster"])
     async def management_nodes(
         limit: int = Query(100, ge=1, le=MAX_PAGE), start: int = Query(0, ge=0)
     ) -> Response:
@@ -235,21 +231,31 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
     return app
 
 
-class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes with a 413, before reading them (plain ASGI:
-    Starlette's BaseHTTPMiddleware costs a task per request)."""
+class Gate:
+    """Before a request reaches the app: refuse a body over ``limit`` bytes (413) without reading
+    it, and, when a ``token`` is set, any ``/v1/`` request without ``Authorization: Bearer
+    <token>`` (401). Plain ASGI: Starlette's BaseHTTPMiddleware costs a task per request, and a
+    FastAPI dependency on every route costs more than the check."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, token: str | None) -> None:
         self.app = app
         self.limit = limit
+        self.expected = f"Bearer {token}".encode() if token else None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            authorization = None
             for name, value in scope.get("headers", ()):
                 if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
                     err = ZStackError(ErrorCode.MESSAGE_TOO_LARGE, f"request body over {self.limit} bytes")
                     await error_response(err)(scope, receive, send)
                     return
+                if name == b"authorization":
+                    authorization = value
+            if self.expected is not None and scope["path"].startswith(API_PREFIX) and authorization != self.expected:
+                err = ZStackError(ErrorCode.UNAUTHORIZED, "a valid bearer token is required")
+                await error_response(err)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

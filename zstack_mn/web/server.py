@@ -28,7 +28,7 @@ class EmbeddedServer:
         """``limit_concurrency``: requests over it at once are answered 503 at once, not queued."""
         config = uvicorn.Config(
             app, host=host, port=port, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5,
-            limit_concurrency=limit_concurrency, backlog=4096,
+            limit_concurrency=limit_concurrency, backlog=4096, proxy_headers=False, server_header=False,
         )
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
