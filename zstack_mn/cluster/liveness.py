@@ -43,17 +43,18 @@ class LivenessSession:
         """Seconds this session has held the lock without interruption (0 when not held)."""
         return 0.0 if self.held_since is None else time.monotonic() - self.held_since
 
+    @property
+    def connection(self) -> AsyncConnection | None:
+        """The session holding the lock (autocommit), for the heartbeat to run on; None when not held."""
+        return self._conn
+
     async def ensure(self) -> bool:
-        """Hold the lock; True when held now."""
+        """Hold the lock; True when held now. A session already held is trusted: the heartbeat
+        that runs on it is its check, and ``lost`` drops it when that fails."""
         if not self.enabled:
             return True
         if self._conn is not None:
-            try:
-                await asyncio.wait_for(self._conn.execute(text("SELECT 1")), self.timeout)
-                return True
-            except Exception:
-                log.warning("liveness session lost; taking the lock again")
-                await self._drop()
+            return True
         try:
             conn = await asyncio.wait_for(self.db.engine.connect(), self.timeout)
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -70,6 +71,13 @@ class LivenessSession:
         self._conn = conn
         self.held_since = time.monotonic()
         return True
+
+    async def lost(self) -> None:
+        """The session failed (a statement on it raised): drop it; the next ``ensure`` takes the
+        lock again on a new one."""
+        if self._conn is not None:
+            log.warning("liveness session lost; taking the lock again")
+        await self._drop()
 
     async def _drop(self) -> None:
         conn, self._conn, self.held_since = self._conn, None, None

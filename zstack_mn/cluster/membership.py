@@ -35,7 +35,7 @@ from zstack_mn.cluster.rescue import rescue_queues
 from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database
-from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, NodeRepository, NodeRow
+from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, Beat, NodeRepository, NodeRow
 from zstack_mn.messages import Event, ZStackError
 
 log = structlog.get_logger(__name__)
@@ -137,14 +137,12 @@ class Membership:
             log.warning("heartbeat withheld: the broker does not answer", fenced=self.fenced)
             return
         try:
-            alive = await asyncio.wait_for(
-                self.nodes.heartbeat(self.node_uuid, ring_digest(self.ring.ring)), self._round_timeout
-            )
+            beat = await asyncio.wait_for(self._beat(), self._round_timeout)
         except (ZStackError, TimeoutError, OSError) as exc:
             self.healthy_since = None
             log.warning("heartbeat not written", error=str(exc), fenced=self.fenced)
             return
-        if not alive:
+        if not beat.alive:
             await self._handle_evicted()
             return
         now = time.monotonic()
@@ -152,14 +150,21 @@ class Membership:
         if self.healthy_since is None:
             self.healthy_since = now
             log.info("heartbeat written again")
+        self._apply(beat.rows)
+        await self._evict_dead(beat.rows, now)
+
+    async def _beat(self) -> Beat:
+        """The heartbeat write and the membership read, one statement, on the liveness session
+        when this node holds it (else through the pool, so a lost lock never stops heartbeats)."""
+        digest = ring_digest(self.ring.ring)
+        session = self.liveness.connection if await self.liveness.ensure() else None
+        if session is None:
+            return await self.nodes.beat(self.node_uuid, digest)
         try:
-            await asyncio.wait_for(self.liveness.ensure(), self._round_timeout)
-            rows = await asyncio.wait_for(self.nodes.list(), self._round_timeout)
-        except (ZStackError, TimeoutError, OSError) as exc:
-            log.warning("membership read failed", error=str(exc))
-            return
-        self._apply(rows)
-        await self._evict_dead(rows, now)
+            return await self.nodes.beat(self.node_uuid, digest, on=session)
+        except Exception:
+            await self.liveness.lost()
+            raise
 
     def _apply(self, rows: list[NodeRow]) -> None:
         running = {r.uuid for r in rows if r.state == RUNNING}
@@ -187,17 +192,14 @@ class Membership:
             self.liveness.enabled
             and self.liveness.age() >= LIVENESS_TRUST_ROUNDS * self.settings.heartbeat_interval
         )
-        held: set[int] | None = None
         for row in rows:
             if row.uuid == self.node_uuid:
                 continue
             won, reason = False, ""
             if use_timeout and row.heartbeat_age > self.settings.node_timeout:
                 won, reason = await self.nodes.evict_if_stale(row.uuid, self.settings.node_timeout), "heartbeat timeout"
-            elif use_liveness:
-                if held is None:
-                    held = await self.nodes.held_liveness_keys()
-                if row.liveness_key not in held:
+            elif use_liveness and row.session_held is not None:
+                if not row.session_held:
                     won, reason = await self.nodes.evict_if_session_gone(row.uuid, row.liveness_key), "session gone"
             if won:
                 log.warning("evicted a dead node", dead=row.uuid, reason=reason, heartbeat_age=round(row.heartbeat_age, 2))

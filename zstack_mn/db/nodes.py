@@ -4,18 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
 from sqlalchemy import BigInteger, column, delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
 from zstack_mn.db.models import ManagementNode
 
 JOINING, RUNNING, LEAVING = "JOINING", "RUNNING", "LEAVING"
 
-_HELD_ADVISORY_KEYS = text(
+_HELD_ADVISORY_KEYS_SQL = (
     "SELECT ((classid::bigint << 32) | objid::bigint) AS k FROM pg_locks "
     "WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
     "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-).columns(column("k", BigInteger))
+)
+_HELD_ADVISORY_KEYS = text(_HELD_ADVISORY_KEYS_SQL).columns(column("k", BigInteger))
+
+
+_HEARTBEAT = text(
+    "WITH me AS (UPDATE management_node SET heartbeat = now(), ring_digest = :digest WHERE uuid = :uuid RETURNING uuid), "
+    "held AS (" + _HELD_ADVISORY_KEYS_SQL + ") "
+    "SELECT (SELECT count(*) FROM me) AS alive, (SELECT coalesce(json_agg(r ORDER BY r.join_date, r.uuid), '[]') FROM ("
+    "SELECT n.uuid, n.host_name, n.http_address, n.state, n.liveness_key, n.ring_digest, n.join_date, "
+    "extract(epoch FROM now() - n.heartbeat)::float8 AS heartbeat_age, "
+    "EXISTS (SELECT 1 FROM held WHERE held.k = n.liveness_key) AS session_held "
+    "FROM management_node n) r)::text AS nodes"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +41,16 @@ class NodeRow:
     liveness_key: int
     ring_digest: str
     heartbeat_age: float
+    session_held: bool | None = None
+    """Whether the node's liveness lock is held (PostgreSQL, read by ``beat``); None when unknown."""
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """One heartbeat: whether our row was still there (False: we were evicted), and every row."""
+
+    alive: bool
+    rows: list[NodeRow]
 
 
 class NodeRepository:
@@ -64,6 +88,24 @@ class NodeRepository:
                 update(self.t).where(self.t.c.uuid == uuid).values(heartbeat=self.db.now(), ring_digest=ring_digest)
             )
             return result.rowcount == 1
+
+    async def beat(self, uuid: str, ring_digest: str, *, on: AsyncConnection | None = None) -> Beat:
+        """Write our heartbeat and read every row, with whether each node's liveness lock is held:
+        one statement on PostgreSQL, run ``on`` the given autocommit connection (the liveness
+        session, so heartbeats take nothing from the pool) or in a pooled transaction."""
+        if self.db.is_postgres:
+            if on is not None:
+                row = (await on.execute(_HEARTBEAT, {"uuid": uuid, "digest": ring_digest})).one()
+            else:
+                row = await self.db.fetch_one(_HEARTBEAT, uuid=uuid, digest=ring_digest)
+            rows = [
+                NodeRow(r["uuid"], r["host_name"], r["http_address"], r["state"], int(r["liveness_key"]),
+                        r["ring_digest"], float(r["heartbeat_age"]), bool(r["session_held"]))
+                for r in orjson.loads(row.nodes)
+            ]
+            return Beat(bool(row.alive), rows)
+        alive = await self.heartbeat(uuid, ring_digest)
+        return Beat(alive, await self.list())
 
     async def list(self) -> list[NodeRow]:
         t = self.t
@@ -105,10 +147,6 @@ class NodeRepository:
                 .returning(self.t.c.uuid)
             )
             return result.first() is not None
-
-    async def held_liveness_keys(self) -> set[int]:
-        async with self.db.begin() as conn:
-            return {int(r.k) for r in await conn.execute(_HELD_ADVISORY_KEYS)}
 
     async def delete(self, uuid: str) -> bool:
         async with self.db.begin() as conn:
