@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 from sqlalchemy import insert, select
 
@@ -227,3 +228,17 @@ async def test_creates_spread_over_many_hosts(pg_database: str):
         assert used == set(hosts), "every create went to the same few hosts"
     finally:
         await db.close()
+
+
+async def test_an_op_record_written_before_the_snapshots_is_still_an_answer(db: Database):
+    """Records kept from before migration 0002 hold the inventory the operation answered."""
+    host = await add_host(db)
+    running = await run_to_running(db, await create(db))
+    legacy = {"uuid": running.uuid, "name": "v", "state": s.STOPPED, "lastHostUuid": host, "cpuNum": 1,
+              "memorySize": GIB, "createDate": "2026-11-25T10:00:00Z", "lastOpDate": "2026-11-25T10:00:01Z"}
+    async with db.begin() as conn:
+        await conn.execute(insert(RESULT).values(id=OPERATION_PREFIX + "old-stop", reply=orjson.dumps(legacy).decode()))
+    stale = await begin(db, running.uuid, STOP, "old-stop")
+    assert stale.outcome is Outcome.DONE and stale.recorded is not None
+    assert stale.recorded.state == s.STOPPED and stale.recorded.last_host_uuid == host
+    assert stale.vm == running

@@ -175,6 +175,7 @@ class Node:
             pool_size=s.db_pool_size,
             max_overflow=s.db_max_overflow,
             timeout=max(s.heartbeat_interval * 2, 5.0),
+            pool_timeout=s.call_timeout,
             idle_transaction_timeout=max(s.fence_after_s * 0.8, 0.5),
         )
         await self.db.migrate()

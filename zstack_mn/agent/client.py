@@ -21,6 +21,7 @@ from zstack_mn.messages import ErrorCode, ZStackError
 T = TypeVar("T", bound=BaseModel)
 NODE_HEADER = "X-ZStack-Node"
 JSON_HEADERS = {"Content-Type": "application/json"}
+CONTROL_CONNECTIONS = 64
 
 
 class AgentClient:
@@ -36,15 +37,18 @@ class AgentClient:
     ) -> None:
         """``fenced``: asked again just before each VM operation leaves this process (after it
         has its connection), so that a node frozen or cut off since its last check sends nothing.
-        ``max_connections`` bounds the agent requests in flight at once (all kept alive: an
-        operation that waits on its agent keeps its connection); a request waits for a free one
-        up to ``pool_timeout`` (default ``timeout``), then answers for itself within ``timeout``."""
+        ``max_connections`` bounds the VM operations in flight at agents at once (all kept
+        alive: an operation that waits on its agent keeps its connection); one waits for a free
+        slot up to ``pool_timeout`` (default ``timeout``), then answers for itself within
+        ``timeout``. Pings and queries do not queue behind VM operations: CONTROL_CONNECTIONS
+        more connections are theirs, so a burst of slow operations never marks a host
+        Disconnected."""
         self.timeout = timeout
         self.pool_timeout = timeout if pool_timeout is None else pool_timeout
         self.fenced = fenced
         self._slots = asyncio.Semaphore(max_connections)
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
+            connector=aiohttp.TCPConnector(limit=max_connections + CONTROL_CONNECTIONS, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=timeout),
             headers={NODE_HEADER: node_uuid} if node_uuid else None,
         )
@@ -56,13 +60,14 @@ class AgentClient:
         self, method: str, url: str, model: type[T] | None, body: BaseModel | None = None, *, vm_op: bool = False
     ) -> T | None:
         data = None if body is None else orjson.dumps(body.model_dump(mode="json", by_alias=True, exclude_none=True))
-        try:
-            async with asyncio.timeout(self.pool_timeout):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise ZStackError(
-                ErrorCode.AGENT_TIMEOUT, f"no connection to agents free within {self.pool_timeout:g}s"
-            ) from None
+        if vm_op:
+            try:
+                async with asyncio.timeout(self.pool_timeout):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise ZStackError(
+                    ErrorCode.AGENT_TIMEOUT, f"no agent connection free within {self.pool_timeout:g}s"
+                ) from None
         try:
             if vm_op and self.fenced is not None and self.fenced():
                 raise ZStackError(ErrorCode.NODE_FENCED, "this node is fenced; the VM operation was not sent")
@@ -73,7 +78,8 @@ class AgentClient:
         except (aiohttp.ClientError, ValueError, OSError) as exc:
             raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {url} unreachable: {type(exc).__name__}") from None
         finally:
-            self._slots.release()
+            if vm_op:
+                self._slots.release()
         if status == 503:
             raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {url} is down")
         if status >= 400:

@@ -1,5 +1,5 @@
 """The session-scoped liveness signal: a PostgreSQL session advisory lock keyed by the node uuid,
-held on a connection of its own. PostgreSQL releases it the moment the process dies (its socket
+held on a connection of its own (outside the pool: it lives as long as the node). PostgreSQL releases it the moment the process dies (its socket
 closes), so peers see a crash at their next heartbeat round instead of after ``node_timeout``.
 On SQLite (one embedded node) there is nothing to signal and this is idle.
 """
@@ -56,7 +56,7 @@ class LivenessSession:
         if self._conn is not None:
             return True
         try:
-            conn = await asyncio.wait_for(self.db.engine.connect(), self.timeout)
+            conn = await asyncio.wait_for(self.db.direct.connect(), self.timeout)
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             got = await asyncio.wait_for(
                 conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}), self.timeout

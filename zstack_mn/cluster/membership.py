@@ -34,7 +34,7 @@ from zstack_mn.cluster.liveness import LivenessSession
 from zstack_mn.cluster.rescue import rescue_queues
 from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.config import Settings
-from zstack_mn.db.engine import Database
+from zstack_mn.db.engine import Database, translated_errors
 from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, Beat, NodeRepository, NodeRow
 from zstack_mn.messages import Event, ZStackError
 
@@ -42,6 +42,14 @@ log = structlog.get_logger(__name__)
 
 LIVENESS_TRUST_ROUNDS = 3
 RESCUE_BOUND_FACTOR = 6
+
+
+def _session_broken(exc: BaseException) -> bool:
+    """Whether a failed statement says its session is gone (or unusable), rather than refused."""
+    if not isinstance(exc, ZStackError):
+        return True
+    sqlstate = exc.details.get("sqlstate")
+    return sqlstate is None or str(sqlstate).startswith(("08", "57P"))
 
 
 def ring_digest(ring: HashRing) -> str:
@@ -155,16 +163,24 @@ class Membership:
 
     async def _beat(self) -> Beat:
         """The heartbeat write and the membership read, one statement, on the liveness session
-        when this node holds it (else through the pool, so a lost lock never stops heartbeats)."""
+        when this node holds it, within half the round. If that fails, the round goes on through
+        the pool, so a lost lock never stops heartbeats; a session that timed out or lost its
+        connection is replaced at once (its lock is gone, or will be, with the session), while
+        one that only had a statement refused (a lock or statement timeout) is kept."""
         digest = ring_digest(self.ring.ring)
         session = self.liveness.connection if await self.liveness.ensure() else None
-        if session is None:
-            return await self.nodes.beat(self.node_uuid, digest)
-        try:
-            return await self.nodes.beat(self.node_uuid, digest, on=session)
-        except Exception:
-            await self.liveness.lost()
-            raise
+        if session is not None:
+            try:
+                async with asyncio.timeout(self._round_timeout / 2):
+                    with translated_errors():
+                        return await self.nodes.beat(self.node_uuid, digest, on=session)
+            except (ZStackError, TimeoutError, OSError) as exc:
+                if _session_broken(exc):
+                    await self.liveness.lost()
+                    await self.liveness.ensure()
+                log.warning("heartbeat on the liveness session failed; writing it through the pool",
+                            error=f"{type(exc).__name__}: {exc}")
+        return await self.nodes.beat(self.node_uuid, digest)
 
     def _apply(self, rows: list[NodeRow]) -> None:
         running = {r.uuid for r in rows if r.state == RUNNING}

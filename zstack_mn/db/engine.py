@@ -18,7 +18,9 @@ from alembic.config import Config
 from sqlalchemy import ColumnElement, Executable, Row, event, func, literal_column, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from zstack_mn.messages import ErrorCode, ZStackError
 
@@ -53,13 +55,16 @@ class Database:
         pool_size: int = 4,
         max_overflow: int = 4,
         timeout: float = 10.0,
+        pool_timeout: float | None = None,
         idle_transaction_timeout: float | None = None,
     ) -> None:
         """``pool_size`` connections are kept open; up to ``max_overflow`` more are opened under
         load and closed when returned idle (PostgreSQL). ``idle_transaction_timeout`` (PostgreSQL):
         the server ends a session of this process that sits inside a transaction longer than this,
         releasing its row locks. A frozen node (SIGSTOP, a stalled VM) must not hold locks that its
-        successors wait on; set it below the fencing time. ``timeout`` also bounds every lock wait."""
+        successors wait on; set it below the fencing time. ``timeout`` also bounds every lock wait;
+        a statement waits for a pooled connection up to ``pool_timeout`` (default ``timeout``).
+        ``direct`` is an engine without a pool, for the one long-lived session (liveness)."""
         self.url = normalise_url(url)
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
@@ -73,13 +78,17 @@ class Database:
             server_settings = {"lock_timeout": str(int(timeout * 1000))}
             if idle_transaction_timeout is not None:
                 server_settings["idle_in_transaction_session_timeout"] = str(int(idle_transaction_timeout * 1000))
-            kwargs.update(
-                pool_size=pool_size,
-                max_overflow=max_overflow,
-                pool_timeout=timeout,
-                connect_args={"timeout": timeout, "command_timeout": timeout, "server_settings": server_settings},
-            )
-        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+            kwargs["connect_args"] = {"timeout": timeout, "command_timeout": timeout, "server_settings": server_settings}
+        self.engine: AsyncEngine = create_async_engine(
+            self.url,
+            **kwargs,
+            **({} if self.is_sqlite else {
+                "pool_size": pool_size,
+                "max_overflow": max_overflow,
+                "pool_timeout": timeout if pool_timeout is None else pool_timeout,
+            }),
+        )
+        self.direct: AsyncEngine = create_async_engine(self.url, poolclass=NullPool, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -95,14 +104,14 @@ class Database:
     @contextlib.asynccontextmanager
     async def begin(self) -> AsyncIterator[AsyncConnection]:
         """One transaction; database outages become a retryable DATABASE_UNAVAILABLE error."""
-        with _translated_errors():
+        with translated_errors():
             async with self.engine.begin() as conn:
                 yield conn
 
     async def fetch_one(self, statement: Executable, **params: Any) -> Row[Any]:
         """Run one statement in autocommit mode (its own transaction: one round trip and one
         commit) and return its single row; errors translated as in ``begin``."""
-        with _translated_errors():
+        with translated_errors():
             async with self._autocommit.connect() as conn:
                 return (await conn.execute(statement, params)).one()
 
@@ -136,15 +145,18 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        await self.direct.dispose()
 
 
 @contextlib.contextmanager
-def _translated_errors() -> Iterator[None]:
+def translated_errors() -> Iterator[None]:
     """Database outages and retryable SQLSTATEs become a retryable DATABASE_UNAVAILABLE error."""
     try:
         yield
     except (OperationalError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
         raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}") from exc
+    except PoolTimeoutError as exc:
+        raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "no database connection free in time; retry") from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:
             raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "database connection lost") from exc

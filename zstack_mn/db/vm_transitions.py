@@ -74,6 +74,20 @@ class VmRow:
     def from_json(cls, raw: str | bytes) -> VmRow:
         return cls.of(orjson.loads(raw))
 
+    @classmethod
+    def from_record(cls, raw: str | bytes) -> VmRow:
+        """An op record: a row snapshot, or (written before migration 0002) the inventory the
+        operation answered, whose row fields it does not hold are left empty."""
+        data = orjson.loads(raw)
+        if "cpu_num" in data:
+            return cls.of(data)
+        return cls(
+            uuid=data["uuid"], name=data["name"], state=data["state"], host_uuid=data.get("hostUuid"),
+            last_host_uuid=data.get("lastHostUuid"), target_host_uuid=None, cpu_num=data["cpuNum"],
+            memory_size=data["memorySize"], version=0, op_id=None, op_node=None,
+            created_at=data.get("createDate"), updated_at=data.get("lastOpDate"),
+        )
+
     def snapshot(self) -> str:
         """The row as JSON: what an op record holds (the same shape PostgreSQL's ``row_to_json`` writes)."""
         return orjson.dumps({name: getattr(self, name) for name in _VM_FIELDS}).decode()
@@ -123,7 +137,8 @@ class VmTransitions(Protocol):
         op_node: str,
     ) -> Transition:
         """Insert the VM in ``state`` with capacity reserved; EXISTS when the uuid is taken (with
-        the recorded result of ``op_id``, when this very create has finished before)."""
+        the recorded result of ``op_id``, when this very create has finished before), also when
+        a copy of the same create inserted it a moment before."""
 
 
 def vm_transitions(db: Database) -> VmTransitions:
@@ -132,6 +147,10 @@ def vm_transitions(db: Database) -> VmTransitions:
 
 def _row(raw: str | None) -> VmRow | None:
     return None if raw is None else VmRow.from_json(raw)
+
+
+def _record(raw: str | None) -> VmRow | None:
+    return None if raw is None else VmRow.from_record(raw)
 
 
 class PostgresVmTransitions:
@@ -162,7 +181,7 @@ class PostgresVmTransitions:
             uuid=uuid, op_id=op_id, op_node=op_node, op_key=OPERATION_PREFIX + op_id, allowed=sorted(allowed),
             transient=transient, final=final, place=place, only=only,
         )
-        return Transition(Outcome(row.outcome), _row(row.vm), row.agent_url, _row(row.recorded), row.previous)
+        return Transition(Outcome(row.outcome), _row(row.vm), row.agent_url, _record(row.recorded), row.previous)
 
     async def finish(self, vm: VmRow, to: Finish) -> Transition:
         assert vm.op_id is not None
@@ -172,21 +191,22 @@ class PostgresVmTransitions:
             last_host_uuid=to.last_host_uuid, target_host_uuid=to.target_host_uuid, release=to.release,
             op_key=OPERATION_PREFIX + vm.op_id,
         )
-        return Transition(Outcome(row.outcome), _row(row.vm), None, _row(row.recorded))
+        return Transition(Outcome(row.outcome), _row(row.vm), None, _record(row.recorded))
 
     async def create(
         self, uuid: str, *, name: str, cpu_num: int, memory_size: int, only: str | None, state: str, op_id: str,
         op_node: str,
     ) -> Transition:
+        params = {"uuid": uuid, "name": name, "cpu": cpu_num, "memory": memory_size, "only": only, "state": state,
+                  "op_id": op_id, "op_node": op_node, "op_key": OPERATION_PREFIX + op_id}
         try:
-            row = await self.db.fetch_one(
-                self._CREATE,
-                uuid=uuid, name=name, cpu=cpu_num, memory=memory_size, only=only, state=state, op_id=op_id,
-                op_node=op_node, op_key=OPERATION_PREFIX + op_id,
-            )
+            row = await self.db.fetch_one(self._CREATE, **params)
         except IntegrityError:
-            raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid) from None
-        return Transition(Outcome(row.outcome), _row(row.vm), row.agent_url, _row(row.recorded))
+            try:
+                row = await self.db.fetch_one(self._CREATE, **params)
+            except IntegrityError:
+                raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid) from None
+        return Transition(Outcome(row.outcome), _row(row.vm), row.agent_url, _record(row.recorded))
 
 
 class SqlVmTransitions:
@@ -294,7 +314,7 @@ async def _agent_url(conn: AsyncConnection, host_uuid: str | None) -> str | None
 
 async def _recorded(conn: AsyncConnection, key: str) -> VmRow | None:
     raw = (await conn.execute(select(RESULT.c.reply).where(RESULT.c.id == key))).scalar_one_or_none()
-    return None if raw is None else VmRow.from_json(raw)
+    return _record(raw)
 
 
 async def _reserve_host(

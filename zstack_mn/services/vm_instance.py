@@ -167,6 +167,7 @@ class VmInstanceService(Service):
         if t.outcome is Outcome.RESUME:
             if vm.op_node != self.ctx.node_uuid:
                 await self._outlive_previous_call(vm, t.agent_url, req)
+                await self.wait_unfenced(req)
                 vm = await self._take_over(vm)
         else:
             await self._event(uuid, t.previous, op.transient, vm.host_uuid)
@@ -251,11 +252,12 @@ class VmInstanceService(Service):
 
     async def _settle_from_agent(self, vm: Any, *, fallback_failed_start: bool = False) -> None:
         """Set a VM in a transient state to what its agent reports (capacity follows). Not on
-        a fenced node: the VM may have a new owner already, which settles it."""
+        a fenced node, nor when another node has taken the operation over (its fence refused
+        ours): the VM has a new owner, which settles it."""
         if self.ctx.is_fenced():
             return
         vm = await self.vms.get(vm.uuid)
-        if vm is None or vm.state not in s.TRANSIENT:
+        if vm is None or vm.state not in s.TRANSIENT or vm.op_node != self.ctx.node_uuid:
             return
         real: str | None = None
         where: str | None = None
