@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     publish_timeout: float = Field(5.0, gt=0, le=120)
     amqp_heartbeat: int = Field(5, ge=1, le=600)
     max_message_bytes: int = Field(1 << 20, ge=1024, le=(16 << 20) - 1024)
-    max_in_flight: int = Field(10_000, ge=1, le=65_535)
+    max_in_flight: int = Field(1_000, ge=1, le=65_535)
     max_hops: int = Field(3, ge=0, le=16)
 
     agent_timeout: float = Field(10.0, gt=0, le=600)

@@ -203,6 +203,7 @@ class Node:
         ctx = ServiceContext(
             self.uuid, self.bus, self.db, self.ring, s, self.agents,
             is_fenced=lambda: membership.fenced, is_evicted=lambda: membership.evicted,
+            heartbeat_written=membership.heartbeat_written,
         )
         classes = [*BUILTIN_SERVICES, *plugin_services(), *self.extra_services]
         self.services = [cls(ctx) for cls in {c.name: c for c in classes}.values()]

@@ -22,6 +22,8 @@ T = TypeVar("T", bound=BaseModel)
 NODE_HEADER = "X-ZStack-Node"
 JSON_HEADERS = {"Content-Type": "application/json"}
 CONTROL_CONNECTIONS = 64
+KEEPALIVE_S = 4.0
+"""Idle agent connections are closed before a typical server's keep-alive (uvicorn: 5 s) ends them."""
 
 
 class AgentClient:
@@ -48,7 +50,9 @@ class AgentClient:
         self.fenced = fenced
         self._slots = asyncio.Semaphore(max_connections)
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections + CONTROL_CONNECTIONS, limit_per_host=0),
+            connector=aiohttp.TCPConnector(
+                limit=max_connections + CONTROL_CONNECTIONS, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
+            ),
             timeout=aiohttp.ClientTimeout(total=timeout),
             headers={NODE_HEADER: node_uuid} if node_uuid else None,
         )
@@ -71,8 +75,7 @@ class AgentClient:
         try:
             if vm_op and self.fenced is not None and self.fenced():
                 raise ZStackError(ErrorCode.NODE_FENCED, "this node is fenced; the VM operation was not sent")
-            async with self._http.request(method, url, data=data, headers=JSON_HEADERS if data else None) as resp:
-                status, content = resp.status, await resp.read()
+            status, content = await self._send(method, url, data)
         except TimeoutError:
             raise ZStackError(ErrorCode.AGENT_TIMEOUT, f"agent {url} did not answer within {self.timeout:g}s") from None
         except (aiohttp.ClientError, ValueError, OSError) as exc:
@@ -90,6 +93,18 @@ class AgentClient:
             return model.model_validate_json(content)
         except ValidationError:
             raise ZStackError(ErrorCode.AGENT_ERROR, f"agent {url} sent an unreadable answer") from None
+
+    async def _send(self, method: str, url: str, data: bytes | None) -> tuple[int, bytes]:
+        """One request; sent again once when the agent closed a kept-alive connection as it was
+        reused (the request never reached it, and VM operations are applied once per op id)."""
+        for attempt in range(2):
+            try:
+                async with self._http.request(method, url, data=data, headers=JSON_HEADERS if data else None) as resp:
+                    return resp.status, await resp.read()
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def connect(self, agent_url: str) -> HostFacts:
         facts = await self._request("POST", f"{agent_url}/connect", HostFacts)

@@ -42,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 LIVENESS_TRUST_ROUNDS = 3
 RESCUE_BOUND_FACTOR = 6
+SESSION_TIMEOUTS = 3
 
 
 def _session_broken(exc: BaseException) -> bool:
@@ -90,12 +91,19 @@ class Membership:
         self._stopping = False
         self._rescues: set[asyncio.Task[None]] = set()
         self._round_timeout = max(settings.heartbeat_interval, 1.0)
+        self._written = asyncio.Event()
+        self._session_timeouts = 0
         bus.metrics.heartbeat_age.set_function(self.heartbeat_age)
 
     @property
     def fenced(self) -> bool:
         """True while this node must not do resource work."""
         return self.evicted or time.monotonic() - self.last_success > self.settings.fence_after_s
+
+    async def heartbeat_written(self) -> None:
+        """Return when the next heartbeat has been written (work paused by fencing waits on this,
+        not on a timer: ten thousand paused operations cost nothing while they wait)."""
+        await self._written.wait()
 
     def heartbeat_age(self) -> float:
         return time.monotonic() - self.last_success
@@ -155,6 +163,8 @@ class Membership:
             return
         now = time.monotonic()
         self.last_success = round_started
+        written, self._written = self._written, asyncio.Event()
+        written.set()
         if self.healthy_since is None:
             self.healthy_since = now
             log.info("heartbeat written again")
@@ -164,18 +174,25 @@ class Membership:
     async def _beat(self) -> Beat:
         """The heartbeat write and the membership read, one statement, on the liveness session
         when this node holds it, within half the round. If that fails, the round goes on through
-        the pool, so a lost lock never stops heartbeats; a session that timed out or lost its
-        connection is replaced at once (its lock is gone, or will be, with the session), while
-        one that only had a statement refused (a lock or statement timeout) is kept."""
+        the pool, so a lost lock never stops heartbeats. A session whose connection failed is
+        replaced at once (its lock is gone with it); one that only timed out is replaced after
+        SESSION_TIMEOUTS rounds in a row (a busy event loop is slow, not dead, and dropping the
+        session would release the lock its peers read as this node's life); one that had a
+        statement refused (a lock or statement timeout) is kept."""
         digest = ring_digest(self.ring.ring)
         session = self.liveness.connection if await self.liveness.ensure() else None
         if session is not None:
             try:
                 async with asyncio.timeout(self._round_timeout / 2):
                     with translated_errors():
-                        return await self.nodes.beat(self.node_uuid, digest, on=session)
+                        beat = await self.nodes.beat(self.node_uuid, digest, on=session)
+                self._session_timeouts = 0
+                return beat
             except (ZStackError, TimeoutError, OSError) as exc:
-                if _session_broken(exc):
+                self._session_timeouts = self._session_timeouts + 1 if isinstance(exc, TimeoutError) else 0
+                if _session_broken(exc) and (
+                    not isinstance(exc, TimeoutError) or self._session_timeouts >= SESSION_TIMEOUTS
+                ):
                     await self.liveness.lost()
                     await self.liveness.ensure()
                 log.warning("heartbeat on the liveness session failed; writing it through the pool",
@@ -247,6 +264,7 @@ class Membership:
         if self.evicted:
             return
         self.evicted = True
+        self._written.set()
         log.error("this node was evicted by its peers; it stops serving now")
         if self.on_evicted is not None:
             await self.on_evicted()

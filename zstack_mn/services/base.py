@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 ENTRY_POINT_GROUP = "zstack_mn.services"
 FENCE_POLL = 0.05
+PAUSE_LOG_INTERVAL = 1.0
 
 F = TypeVar("F", bound=Callable[..., Awaitable[dict[str, Any]]])
 
@@ -64,6 +65,8 @@ class ServiceContext:
     agents: AgentClient
     is_fenced: Callable[[], bool]
     is_evicted: Callable[[], bool] = lambda: False
+    heartbeat_written: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(FENCE_POLL)
+    """Returns when the node next writes its heartbeat (what can end a fence)."""
 
 
 class Service:
@@ -74,6 +77,7 @@ class Service:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.chains = Chains()
+        self._paused_logged = 0.0
         self._handlers: dict[type[Message], Callable[[Any, Request], Awaitable[dict[str, Any]]]] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr, None)
@@ -118,13 +122,18 @@ class Service:
         deadline = req.deadline if req is not None and req.deadline is not None else None
         if deadline is None:
             deadline = time.monotonic() + self.ctx.settings.call_timeout
-        log.warning("resource work paused: node is fenced")
+        now = time.monotonic()
+        if now - self._paused_logged > PAUSE_LOG_INTERVAL:
+            self._paused_logged = now
+            log.warning("resource work paused: node is fenced")
         while self.ctx.is_fenced():
             if self.ctx.is_evicted():
                 raise ZStackError(ErrorCode.NODE_FENCED, "this node was evicted from the cluster; retry on another node")
-            if time.monotonic() + FENCE_POLL >= deadline:
-                raise ZStackError(ErrorCode.NODE_FENCED, "this node cannot reach the database; retry later")
-            await asyncio.sleep(FENCE_POLL)
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await self.ctx.heartbeat_written()
+            except TimeoutError:
+                raise ZStackError(ErrorCode.NODE_FENCED, "this node cannot reach the database; retry later") from None
 
 
 def plugin_services() -> list[type[Service]]:
