@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import aiohttp
 
 from benchmarks.b1_bus import raw_client, start_server
 from benchmarks.cluster_util import Toggler, cluster, make_vms
 from benchmarks.common import LoadResult
 from zstack_mn.client import Client
-from zstack_mn.testing.cluster import ClusterHarness
+from zstack_mn.testing.cluster import ClusterHarness, free_port
 
 CONCURRENCY = (1, 16, 64, 256)
 NODE_COUNTS = (1, 3)
@@ -29,7 +36,11 @@ FALL_TOLERANCE = 0.9
 WARMUP_S = 1.0
 WARMUP_S_PER_WORKER = 0.01
 CALL_TIMEOUT = 60.0
-STEPS = 1 + len(NODE_COUNTS) * len(PATHS)
+EMBEDDED_PATH = "HTTP embedded (SQLite, in-process bus)"
+EMBEDDED_C = 16
+EMBEDDED_VMS = 32
+EMBEDDED_START_S = 60.0
+STEPS = 2 + len(NODE_COUNTS) * len(PATHS)
 
 
 async def window_load(call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float) -> LoadResult:
@@ -101,6 +112,50 @@ async def amqp_sweep(h: ClusterHarness, url: str, toggler: Toggler, seconds: flo
         await client.close()
 
 
+async def measure_embedded(seconds: float) -> LoadResult:
+    """The embedded node as a newcomer runs it (``zstack-mn start`` with no broker or database
+    configured: in-process bus, SQLite, the simulated agent with its default host), at c = 16."""
+    workdir = tempfile.mkdtemp(prefix="zstack-bench-embedded-")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTACK_MN_")}
+    env.update(ZSTACK_MN_HTTP_PORT=str(port), ZSTACK_MN_DATABASE_URL=f"sqlite:///{workdir}/mn.db",
+               ZSTACK_MN_LOG_LEVEL="warning")
+    proc = subprocess.Popen([sys.executable, "-m", "zstack_mn", "start"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await _wait_ready(url, proc)
+        async with Client.http([url], timeout=CALL_TIMEOUT) as client:
+            vms = [await client.create_vm(f"embedded-{i}", cpu_num=1, memory_size="64M") for i in range(EMBEDDED_VMS)]
+            toggler = Toggler(vms)
+            return await window_load(lambda i: toggler.flip(client), EMBEDDED_C, seconds)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + EMBEDDED_START_S
+    async with aiohttp.ClientSession() as http:
+        while loop.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the embedded node exited with {proc.returncode}")
+            try:
+                async with http.get(f"{url}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"the embedded node was not ready within {EMBEDDED_START_S:g}s")
+
+
 def _spread(toggler: Toggler, clients: list[Client]) -> Callable[[int], Awaitable[Any]]:
     return lambda i: toggler.flip(clients[i % len(clients)])
 
@@ -120,6 +175,8 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
             for c, res in (await amqp_sweep(h, url, toggler, seconds)).items():
                 rows.append(_row("AMQP api.portal", n, c, res, raw[c]))
             progress.update(1)
+    rows.append(_row(EMBEDDED_PATH, 1, EMBEDDED_C, await measure_embedded(seconds), raw[EMBEDDED_C]))
+    progress.update(1)
     return {
         "concurrency": list(CONCURRENCY),
         "rawCallsPerSecond": {str(c): round(r, 1) for c, r in raw.items()},

@@ -71,6 +71,8 @@ def _b2(b: dict[str, Any]) -> list[str]:
     for r in b["rows"]:
         by_key.setdefault((r["path"], r["nodes"]), {})[r["c"]] = r["opsPerSecond"]
     for (path, nodes), rates in by_key.items():
+        if len(rates) < 2:
+            continue
         cells = " | ".join(f"{rates[c]:.0f}" if c in rates else "—" for c in cs)
         lines.append(f"| {path} | {nodes} | {cells} | {verdict(b['notFalling'].get(f'{path} / {nodes}', False))} |")
     raw = " · ".join(f"c={c}: {v:.0f}" for c, v in b["rawCallsPerSecond"].items())

@@ -97,14 +97,14 @@ class AgentClient:
     async def _send(self, method: str, url: str, data: bytes | None) -> tuple[int, bytes]:
         """One request; sent again once when the agent closed a kept-alive connection as it was
         reused (the request never reached it, and VM operations are applied once per op id)."""
-        for attempt in range(2):
-            try:
-                async with self._http.request(method, url, data=data, headers=JSON_HEADERS if data else None) as resp:
-                    return resp.status, await resp.read()
-            except aiohttp.ServerDisconnectedError:
-                if attempt == 1:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return await self._send_once(method, url, data)
+        except aiohttp.ServerDisconnectedError:
+            return await self._send_once(method, url, data)
+
+    async def _send_once(self, method: str, url: str, data: bytes | None) -> tuple[int, bytes]:
+        async with self._http.request(method, url, data=data, headers=JSON_HEADERS if data else None) as resp:
+            return resp.status, await resp.read()
 
     async def connect(self, agent_url: str) -> HostFacts:
         facts = await self._request("POST", f"{agent_url}/connect", HostFacts)

@@ -68,7 +68,7 @@ class BusLimits:
 
     call_timeout: float = 30.0
     max_message_bytes: int = 1 << 20
-    prefetch: int = 10_000
+    prefetch: int = 1_000
     max_hops: int = 3
 
 

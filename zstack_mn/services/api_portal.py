@@ -3,9 +3,10 @@ HTTP gateway, is validated here and routed on by the ring. A client never needs 
 
 Idempotency: a request that carries a client key (``Idempotency-Key`` over HTTP, the envelope's
 ``idempotencyKey`` header over AMQP) gets a message id derived from the key, so every node turns
-the same key into the same id; the first successful reply is stored and returned to any retry,
-and a retry racing the first attempt is applied once (resource uuids and operation ids derive from
-the same id).
+the same key into the same id, and a retry racing the first attempt is applied once (resource
+uuids and operation ids derive from the same id). The first successful reply is stored and
+returned to any retry, except where the handler records the outcome itself (``RECORDS_OUTCOME``:
+VM operations, whose op record is that reply).
 """
 
 from __future__ import annotations
