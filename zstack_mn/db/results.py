@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import orjson
 from sqlalchemy import delete, insert, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -27,13 +24,6 @@ class ResultRepository:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-
-    async def record_in(self, conn: AsyncConnection, request_id: str, reply: dict[str, Any]) -> None:
-        """Store ``reply`` inside the caller's transaction; an existing record is kept."""
-        ins = pg_insert(RESULT) if self.db.is_postgres else sqlite_insert(RESULT)
-        await conn.execute(
-            ins.values(id=request_id, reply=orjson.dumps(reply).decode()).on_conflict_do_nothing(index_elements=["id"])
-        )
 
     async def get(self, request_id: str) -> dict | None:
         async with self.db.begin() as conn:

@@ -21,14 +21,14 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
-from zstack_mn.db.hosts import CONNECTED, ENABLED, HOST
+from zstack_mn.db.hosts import CONNECTED, ENABLED, HOST, HostRepository
 from zstack_mn.db.results import OPERATION_PREFIX, RESULT
-from zstack_mn.db.vms import VM
+from zstack_mn.db.vms import VM, VmRepository
 from zstack_mn.messages import ErrorCode, ZStackError
 
 PLACE_HOST = "host"
@@ -220,7 +220,7 @@ class SqlVmTransitions:
         place: str | None, only: str | None,
     ) -> Transition:
         async with self.db.begin() as conn:
-            found = (await conn.execute(select(VM).where(VM.c.uuid == uuid))).first()
+            found = await VmRepository.get_in(conn, uuid)
             if found is None:
                 return Transition(Outcome.MISSING)
             vm = VmRow.of(found._mapping)
@@ -259,13 +259,7 @@ class SqlVmTransitions:
             fresh = await _cas(conn, vm, values)
             if fresh is None:
                 return Transition(Outcome.CONFLICT, None, None, await _recorded(conn, key))
-            if to.release is not None:
-                await conn.execute(
-                    update(HOST).where(HOST.c.uuid == to.release).values(
-                        cpu_available=HOST.c.cpu_available + fresh.cpu_num,
-                        memory_available=HOST.c.memory_available + fresh.memory_size,
-                    )
-                )
+            await HostRepository.release(conn, to.release, fresh.cpu_num, fresh.memory_size)
             if await _recorded(conn, key) is None:
                 await conn.execute(insert(RESULT).values(id=key, reply=fresh.snapshot()))
             return Transition(Outcome.OK, fresh)
@@ -276,7 +270,7 @@ class SqlVmTransitions:
     ) -> Transition:
         try:
             async with self.db.begin() as conn:
-                found = (await conn.execute(select(VM).where(VM.c.uuid == uuid))).first()
+                found = await VmRepository.get_in(conn, uuid)
                 if found is not None:
                     recorded = await _recorded(conn, OPERATION_PREFIX + op_id)
                     return Transition(Outcome.EXISTS, VmRow.of(found._mapping), None, recorded)
@@ -296,13 +290,7 @@ class SqlVmTransitions:
 
 
 async def _cas(conn: AsyncConnection, vm: VmRow, values: dict[str, Any]) -> VmRow | None:
-    result = await conn.execute(
-        update(VM)
-        .where(VM.c.uuid == vm.uuid, VM.c.version == vm.version)
-        .values(**values, version=vm.version + 1, updated_at=func.now())
-        .returning(*VM.c)
-    )
-    found = result.first()
+    found = await VmRepository.cas(conn, vm.uuid, vm.version, **values)
     return None if found is None else VmRow.of(found._mapping)
 
 
@@ -331,12 +319,7 @@ async def _reserve_host(
     )
 
     async def take(host_uuid: str) -> bool:
-        result = await conn.execute(
-            update(HOST).where(HOST.c.uuid == host_uuid, *fits).values(
-                cpu_available=HOST.c.cpu_available - cpu, memory_available=HOST.c.memory_available - memory
-            )
-        )
-        return result.rowcount == 1
+        return await HostRepository.reserve(conn, host_uuid, cpu, memory)
 
     if only is not None:
         return only if await take(only) else None

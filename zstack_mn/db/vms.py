@@ -63,12 +63,6 @@ class VmRepository:
             row = (await conn.execute(select(self.db.age_seconds(VM.c.updated_at)).where(VM.c.uuid == uuid))).first()
         return None if row is None else float(row[0])
 
-    async def get_with_agent(self, uuid: str) -> Any | None:
-        """The VM row plus ``agent_url`` of the host it is on (None without a host)."""
-        async with self.db.begin() as conn:
-            stmt = select(VM, HOST.c.agent_url).outerjoin(HOST, HOST.c.uuid == VM.c.host_uuid).where(VM.c.uuid == uuid)
-            return (await conn.execute(stmt)).first()
-
     async def in_states(self, states: tuple[str, ...], after: str, limit: int) -> list[Any]:
         async with self.db.begin() as conn:
             rows = await conn.execute(
