@@ -26,7 +26,9 @@ ALL = ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8")
 
 def commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except Exception:
         return "unknown"
 
@@ -34,8 +36,16 @@ def commit() -> str:
 async def main(scenarios: list[str], seconds: float, quick: bool) -> dict[str, Any]:
     from benchmarks import b1_bus, b2_api, b3_scale, b4_failover, b5_ring, b6_memory, b7_inflight, b8_nodes
 
-    modules = {"b1": b1_bus, "b2": b2_api, "b3": b3_scale, "b4": b4_failover, "b5": b5_ring, "b6": b6_memory,
-               "b7": b7_inflight, "b8": b8_nodes}
+    modules = {
+        "b1": b1_bus,
+        "b2": b2_api,
+        "b3": b3_scale,
+        "b4": b4_failover,
+        "b5": b5_ring,
+        "b6": b6_memory,
+        "b7": b7_inflight,
+        "b8": b8_nodes,
+    }
     vhost = servers.new_vhost() if any(s != "b5" for s in scenarios) else ""
     url = servers.amqp_url(vhost) if vhost else ""
     out: dict[str, Any] = {

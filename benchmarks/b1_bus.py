@@ -22,7 +22,9 @@ CONCURRENCY = (1, 16, 256)
 def start_server(kind: str, url: str, prefix: str) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.echo_server", kind, url, prefix],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -93,7 +95,9 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
             for c in CONCURRENCY:
                 for kind in ("raw", "bus"):
                     res: LoadResult = await run_load(
-                        clients[kind][0], c, seconds,
+                        clients[kind][0],
+                        c,
+                        seconds,
                         processes={"server": psutil.Process(servers[kind].pid), "broker": broker},
                     )
                     samples.setdefault(str(c), {}).setdefault(kind, []).append(res.summary())

@@ -118,10 +118,19 @@ async def measure_embedded(seconds: float) -> LoadResult:
     workdir = tempfile.mkdtemp(prefix="zstack-bench-embedded-")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTACK_MN_")}
-    env.update(ZSTACK_MN_HTTP_PORT=str(port), ZSTACK_MN_DATABASE_URL=f"sqlite:///{workdir}/mn.db",
-               ZSTACK_MN_LOG_LEVEL="warning")
-    proc = subprocess.Popen([sys.executable, "-m", "zstack_mn", "start"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    env.update(
+        ZSTACK_MN_HTTP_PORT=str(port),
+        ZSTACK_MN_DATABASE_URL=f"sqlite:///{workdir}/mn.db",
+        ZSTACK_MN_LOG_LEVEL="warning",
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once; nothing here waits on the child
+        [sys.executable, "-m", "zstack_mn", "start"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         await _wait_ready(url, proc)
@@ -208,6 +217,8 @@ def not_falling(rows: list[dict[str, Any]]) -> dict[str, bool]:
     out = {}
     for path in PATHS:
         for n in NODE_COUNTS:
-            rates = [r["opsPerSecond"] for r in sorted(rows, key=lambda r: r["c"]) if r["path"] == path and r["nodes"] == n]
+            rates = [
+                r["opsPerSecond"] for r in sorted(rows, key=lambda r: r["c"]) if r["path"] == path and r["nodes"] == n
+            ]
             out[f"{path} / {n}"] = all(rate >= FALL_TOLERANCE * max(rates[:i]) for i, rate in enumerate(rates) if i)
     return out

@@ -55,7 +55,9 @@ async def one_fault(url: str, prefix: str, name: str, sig: int) -> dict[str, Any
                     stats["hung"] += 1
                 except ZStackError as exc:
                     stats["lost" if exc.code is ErrorCode.TIMEOUT else "failed"] += 1
-                    codes[f"{exc.code.name}: {exc.description[:80]}"] = codes.get(f"{exc.code.name}: {exc.description[:80]}", 0) + 1
+                    codes[f"{exc.code.name}: {exc.description[:80]}"] = (
+                        codes.get(f"{exc.code.name}: {exc.description[:80]}", 0) + 1
+                    )
                     if exc.code is ErrorCode.INVALID_STATE:
                         toggler.state[vm] = "Unknown-check"
                         inv = (await client.query_vms(uuid=vm))["inventories"][0]
@@ -70,7 +72,7 @@ async def one_fault(url: str, prefix: str, name: str, sig: int) -> dict[str, Any
         expected = {n.uuid for n in survivors}
         agree = await h.wait_until(lambda: h.rings_agree(expected), 60, "survivors agree", interval=0.05)
         deadline = time.monotonic() + 40
-        while len(served_after) < len(moved) and time.monotonic() < deadline:
+        while len(served_after) < len(moved) and time.monotonic() < deadline:  # noqa: ASYNC110 - 48 workers fill it
             await asyncio.sleep(0.05)
         if sig == signal.SIGSTOP:
             victim.signal(signal.SIGCONT)

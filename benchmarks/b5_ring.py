@@ -39,7 +39,12 @@ def _measure(make: Callable[[list[str]], Callable[[str], str]], keys: list[str],
         moved = sum(o != big(k) for o, k in zip(owners, keys, strict=True)) / (len(keys) / (n + 1))
         per_n[n] = {"largestShare": round(share, 4), "movedVsIdeal": round(moved, 4)}
         worst_share, worst_moved = max(worst_share, share), max(worst_moved, moved)
-    return {"worstShare": round(worst_share, 4), "worstMoved": round(worst_moved, 4), "lookupUsAt10": round(lookup_us, 2), "byNodes": per_n}
+    return {
+        "worstShare": round(worst_share, 4),
+        "worstMoved": round(worst_moved, 4),
+        "lookupUsAt10": round(lookup_us, 2),
+        "byNodes": per_n,
+    }
 
 
 async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str, Any]:

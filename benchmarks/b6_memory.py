@@ -25,14 +25,33 @@ async def seed(database_url: str, count: int) -> None:
     host = str(uuid.uuid4())
     try:
         async with db.begin() as conn:
-            await conn.execute(insert(Host.__table__).values(
-                uuid=host, name="seed", agent_url="http://127.0.0.1:9/hosts/seed", state="Enabled", status="Connected",
-                cpu_total=10**6, cpu_available=10**6 - count, memory_total=1 << 50, memory_available=1 << 49, version=1,
-            ))
+            await conn.execute(
+                insert(Host.__table__).values(
+                    uuid=host,
+                    name="seed",
+                    agent_url="http://127.0.0.1:9/hosts/seed",
+                    state="Enabled",
+                    status="Connected",
+                    cpu_total=10**6,
+                    cpu_available=10**6 - count,
+                    memory_total=1 << 50,
+                    memory_available=1 << 49,
+                    version=1,
+                )
+            )
             batch = []
             for i in range(count):
-                batch.append({"uuid": str(uuid.uuid4()), "name": f"m{i}", "state": "Running", "host_uuid": host,
-                              "cpu_num": 1, "memory_size": 1 << 26, "version": 1})
+                batch.append(
+                    {
+                        "uuid": str(uuid.uuid4()),
+                        "name": f"m{i}",
+                        "state": "Running",
+                        "host_uuid": host,
+                        "cpu_num": 1,
+                        "memory_size": 1 << 26,
+                        "version": 1,
+                    }
+                )
                 if len(batch) == 5000:
                     await conn.execute(insert(VmInstance.__table__), batch)
                     batch = []
@@ -59,5 +78,10 @@ async def run(url: str, prefix: str, seconds: float, progress: Any, quick: bool 
     progress.update(1)
     large_rss = await measure(url, f"{prefix}l", large)
     progress.update(1)
-    return {"small": SMALL, "large": large, "rssSmallMiB": round(small_rss, 1), "rssLargeMiB": round(large_rss, 1),
-            "ratio": round(large_rss / small_rss, 3)}
+    return {
+        "small": SMALL,
+        "large": large,
+        "rssSmallMiB": round(small_rss, 1),
+        "rssLargeMiB": round(large_rss, 1),
+        "ratio": round(large_rss / small_rss, 3),
+    }

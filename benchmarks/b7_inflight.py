@@ -87,8 +87,9 @@ async def burst(client: Client, toggler: Toggler) -> Failures:
     return failures
 
 
-async def one_latency(h: ClusterHarness, url: str, agent: str, toggler: Toggler, latency: float,
-                      rate: float) -> dict[str, Any]:
+async def one_latency(
+    h: ClusterHarness, url: str, agent: str, toggler: Toggler, latency: float, rate: float
+) -> dict[str, Any]:
     n = len(toggler.state)
     node = h.nodes[0]
     await set_agent_latency(agent, latency)
@@ -109,8 +110,9 @@ async def one_latency(h: ClusterHarness, url: str, agent: str, toggler: Toggler,
     return _result(n, latency, rate, wall, failures, before, sampler)
 
 
-def _result(n: int, latency: float, rate: float, wall: float, failures: Failures, before: int,
-            sampler: Sampler) -> dict[str, Any]:
+def _result(
+    n: int, latency: float, rate: float, wall: float, failures: Failures, before: int, sampler: Sampler
+) -> dict[str, Any]:
     growth = max(0, max(sampler.rss, default=before) - before)
     peak = max(sampler.in_flight, default=0.0)
     target = 2 * latency + n / max(rate, 1e-9)
@@ -163,8 +165,9 @@ async def one_size(url: str, prefix: str, n: int, latencies: tuple[float, ...], 
     return {"rate": round(rate, 1), "rateSource": source, "rows": rows}
 
 
-async def run(url: str, prefix: str, seconds: float, progress: Any, quick: bool = False,
-              results: dict[str, Any] | None = None) -> dict[str, Any]:
+async def run(
+    url: str, prefix: str, seconds: float, progress: Any, quick: bool = False, results: dict[str, Any] | None = None
+) -> dict[str, Any]:
     sizes, latencies = (QUICK_SIZES, QUICK_LATENCIES) if quick else (SIZES, LATENCIES)
     rate = b2_rate(results or {})
     rows, rates = [], {}

@@ -96,7 +96,9 @@ async def db_counters(conn: asyncpg.Connection, database: str) -> tuple[int, int
     await conn.execute("SELECT pg_stat_clear_snapshot()")
     row = await conn.fetchrow(
         "SELECT xact_commit + xact_rollback AS xacts, tup_returned + tup_fetched AS rows "
-        "FROM pg_stat_database WHERE datname = $1", database, timeout=5,
+        "FROM pg_stat_database WHERE datname = $1",
+        database,
+        timeout=5,
     )
     return int(row["xacts"]), int(row["rows"])
 
@@ -165,7 +167,7 @@ class Load:
 
     @classmethod
     def over(cls, urls: list[str], toggler: Toggler) -> Load:
-        rotated = [urls[i % len(urls):] + urls[: i % len(urls)] for i in range(WORKERS)]
+        rotated = [urls[i % len(urls) :] + urls[: i % len(urls)] for i in range(WORKERS)]
         return cls(toggler, [Client.http(u, timeout=CALL_TIMEOUT) for u in rotated])
 
     async def worker(self, client: Client) -> None:
@@ -225,9 +227,14 @@ async def steady_load(h: ClusterHarness, seconds: float) -> dict[str, Any]:
     finally:
         load.stop()
         await asyncio.wait_for(running, CALL_TIMEOUT + 10)
-    return {**events, "seconds": round(time.monotonic() - started, 1), "okCalls": load.ok,
-            "failedCalls": load.failures.total, "errorCodes": dict(load.failures.counts),
-            "errorSamples": load.failures.samples}
+    return {
+        **events,
+        "seconds": round(time.monotonic() - started, 1),
+        "okCalls": load.ok,
+        "failedCalls": load.failures.total,
+        "errorCodes": dict(load.failures.counts),
+        "errorSamples": load.failures.samples,
+    }
 
 
 def false_evictions(h: ClusterHarness, stopped: set[str]) -> dict[str, Any]:
@@ -287,8 +294,14 @@ async def run(url: str, prefix: str, seconds: float, progress: Any, quick: bool 
     return _summary(total, idle, load, evictions, sampler.peaks, lookups)
 
 
-def _summary(total: int, idle: list[dict[str, Any]], load: dict[str, Any], evictions: dict[str, Any],
-             peaks: dict[str, int], lookups: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(
+    total: int,
+    idle: list[dict[str, Any]],
+    load: dict[str, Any],
+    evictions: dict[str, Any],
+    peaks: dict[str, int],
+    lookups: list[dict[str, Any]],
+) -> dict[str, Any]:
     agree = [load[k]["ringsS"] for k in ("join", "leave")]
     peak = max(peaks.values(), default=0)
     return {

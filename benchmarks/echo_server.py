@@ -37,7 +37,9 @@ async def serve_raw(url: str, prefix: str) -> None:
 
     async def on_message(msg: aio_pika.abc.AbstractIncomingMessage) -> None:
         await channel.default_exchange.publish(
-            aio_pika.Message(msg.body, correlation_id=msg.correlation_id), routing_key=msg.reply_to or "", mandatory=False
+            aio_pika.Message(msg.body, correlation_id=msg.correlation_id),
+            routing_key=msg.reply_to or "",
+            mandatory=False,
         )
         await msg.ack()
 
@@ -55,7 +57,9 @@ async def serve_bus(url: str, prefix: str) -> None:
     topology = Topology(prefix)
     transport = AmqpTransport(url, topology, publish_timeout=10, connection_name="bench-bus-server")
     await transport.start()
-    bus = CloudBus(SERVER_NODE, transport, topology, ring=LiveRing(SERVER_NODE, [SERVER_NODE]), limits=BusLimits(prefetch=PREFETCH))
+    bus = CloudBus(
+        SERVER_NODE, transport, topology, ring=LiveRing(SERVER_NODE, [SERVER_NODE]), limits=BusLimits(prefetch=PREFETCH)
+    )
     await bus.start()
 
     async def echo(req: Request) -> dict[str, Any]:

@@ -40,9 +40,12 @@ def samples(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _b1(b: dict[str, Any]) -> list[str]:
-    lines = ["## B1 — bus call vs raw aio-pika request/reply (same run)", "",
-             "| c | raw calls/s | bus calls/s | ratio | raw p50/p99 ms | bus p50/p99 ms | bus CPU µs/call client·server·broker |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## B1 — bus call vs raw aio-pika request/reply (same run)",
+        "",
+        "| c | raw calls/s | bus calls/s | ratio | raw p50/p99 ms | bus p50/p99 ms | bus CPU µs/call client·server·broker |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c, row in b["concurrency"].items():
         raw, bus = row["raw"], row["bus"]
         cpu = bus["cpuUsPerCall"]
@@ -56,17 +59,26 @@ def _b1(b: dict[str, Any]) -> list[str]:
 
 def _b2(b: dict[str, Any]) -> list[str]:
     cs = b["concurrency"]
-    lines = ["## B2 — VM start/stop end to end (ratio to raw request/reply at the same c, same run)", "",
-             "| path | nodes | c | ops/s | p50 ms | p99 ms | p99 ÷ p50 | errors | raw calls/s | ratio to raw |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## B2 — VM start/stop end to end (ratio to raw request/reply at the same c, same run)",
+        "",
+        "| path | nodes | c | ops/s | p50 ms | p99 ms | p99 ÷ p50 | errors | raw calls/s | ratio to raw |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in b["rows"]:
-        lines.append(f"| {r['path']} | {r['nodes']} | {r['c']} | {r['opsPerSecond']:.0f} | {r['p50Ms']:.1f} | "
-                     f"{r['p99Ms']:.1f} | {r['p99OverP50']:.1f} | {r['errors']} | {r['rawCallsPerSecond']:.0f} | "
-                     f"**{r['ratioToRaw']:.2f}×** |")
-    lines += ["", "Throughput must not fall as concurrency rises (ops/s per c, side by side; "
-              "\"not falling\": every c reaches ≥ 0.9× the best lower c):", "",
-              "| path | nodes | " + " | ".join(f"c={c}" for c in cs) + " | not falling |",
-              "|---|---|" + "---|" * (len(cs) + 1)]
+        lines.append(
+            f"| {r['path']} | {r['nodes']} | {r['c']} | {r['opsPerSecond']:.0f} | {r['p50Ms']:.1f} | "
+            f"{r['p99Ms']:.1f} | {r['p99OverP50']:.1f} | {r['errors']} | {r['rawCallsPerSecond']:.0f} | "
+            f"**{r['ratioToRaw']:.2f}×** |"
+        )
+    lines += [
+        "",
+        "Throughput must not fall as concurrency rises (ops/s per c, side by side; "
+        '"not falling": every c reaches ≥ 0.9× the best lower c):',
+        "",
+        "| path | nodes | " + " | ".join(f"c={c}" for c in cs) + " | not falling |",
+        "|---|---|" + "---|" * (len(cs) + 1),
+    ]
     by_key: dict[tuple[str, int], dict[int, float]] = {}
     for r in b["rows"]:
         by_key.setdefault((r["path"], r["nodes"]), {})[r["c"]] = r["opsPerSecond"]
@@ -76,46 +88,69 @@ def _b2(b: dict[str, Any]) -> list[str]:
         cells = " | ".join(f"{rates[c]:.0f}" if c in rates else "—" for c in cs)
         lines.append(f"| {path} | {nodes} | {cells} | {verdict(b['notFalling'].get(f'{path} / {nodes}', False))} |")
     raw = " · ".join(f"c={c}: {v:.0f}" for c, v in b["rawCallsPerSecond"].items())
-    lines += ["", f"raw request/reply in this run (calls/s): {raw}. Targets: HTTP on 1 node ≥ 0.4× raw, "
-              "api.portal ≥ 0.5× raw, p99 ≤ 4× p50.", ""]
+    lines += [
+        "",
+        f"raw request/reply in this run (calls/s): {raw}. Targets: HTTP on 1 node ≥ 0.4× raw, "
+        "api.portal ≥ 0.5× raw, p99 ≤ 4× p50.",
+        "",
+    ]
     return lines
 
 
 def _b3(b: dict[str, Any]) -> list[str]:
-    lines = [f"## B3 — {b['vms']} VMs created concurrently on 3 nodes (simulated agent, {b['concurrency']} requests open)", "",
-             "| hosts | seconds | VMs/s | errors | create p50 / p99 / max ms | share by node | target ≤ "
-             f"{b['targetSeconds']:.0f} s, 0 errors |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## B3 — {b['vms']} VMs created concurrently on 3 nodes (simulated agent, {b['concurrency']} requests open)",
+        "",
+        "| hosts | seconds | VMs/s | errors | create p50 / p99 / max ms | share by node | target ≤ "
+        f"{b['targetSeconds']:.0f} s, 0 errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in b["runs"]:
         lat = r["createLatency"]
         shares = ", ".join(f"{k} {v:.1%}" for k, v in r["shareByNode"].items())
-        lines.append(f"| {r['hosts']} | **{r['seconds']:.1f}** | {r['vms'] / r['seconds']:.0f} | {r['errors']} "
-                     f"({codes(r['errorCodes'])}) | {lat['p50Ms']:.0f} / {lat['p99Ms']:.0f} / {lat['maxMs']:.0f} | "
-                     f"{shares} | {verdict(r['met'])} |")
+        lines.append(
+            f"| {r['hosts']} | **{r['seconds']:.1f}** | {r['vms'] / r['seconds']:.0f} | {r['errors']} "
+            f"({codes(r['errorCodes'])}) | {lat['p50Ms']:.0f} / {lat['p99Ms']:.0f} / {lat['maxMs']:.0f} | "
+            f"{shares} | {verdict(r['met'])} |"
+        )
     return [*lines, "", "The target is for 10,000 VMs; a --quick run creates fewer.", ""]
 
 
 def _b4(b: dict[str, Any]) -> list[str]:
-    lines = ["## B4 — fail-over of one of 3 nodes under load (default timings)", "",
-             "| fault | rings agree after | first moved VM served | last moved VM served | lost | hung | failed calls |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## B4 — fail-over of one of 3 nodes under load (default timings)",
+        "",
+        "| fault | rings agree after | first moved VM served | last moved VM served | lost | hung | failed calls |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for fault, row in b.items():
-        lines.append(f"| {fault} | {row['ringsAgreeS']:.2f} s | {row['firstServedS']:.2f} s | {row['lastServedS']:.2f} s | "
-                     f"{row['lost']} | {row['hung']} | {row['failedCalls']} |")
+        lines.append(
+            f"| {fault} | {row['ringsAgreeS']:.2f} s | {row['firstServedS']:.2f} s | {row['lastServedS']:.2f} s | "
+            f"{row['lost']} | {row['hung']} | {row['failedCalls']} |"
+        )
     return [*lines, ""]
 
 
 def _b5(b: dict[str, Any]) -> list[str]:
-    lines = ["## B5 — ring balance, 100,000 uuids, 2–10 nodes", "",
-             "| ring | worst largest share ÷ fair | worst moved ÷ ideal | lookup µs (10 nodes) |", "|---|---|---|---|"]
+    lines = [
+        "## B5 — ring balance, 100,000 uuids, 2–10 nodes",
+        "",
+        "| ring | worst largest share ÷ fair | worst moved ÷ ideal | lookup µs (10 nodes) |",
+        "|---|---|---|---|",
+    ]
     for name, row in b.items():
         lines.append(f"| {name} | {row['worstShare']:.3f} | {row['worstMoved']:.3f} | {row['lookupUsAt10']:.2f} |")
     return [*lines, ""]
 
 
 def _b6(b: dict[str, Any]) -> list[str]:
-    return ["## B6 — node memory with few vs many VMs in the database", "",
-            f"RSS with {b['small']} VMs: {b['rssSmallMiB']:.1f} MiB; with {b['large']} VMs: {b['rssLargeMiB']:.1f} MiB; "
-            f"ratio **{b['ratio']:.3f}×**", ""]
+    return [
+        "## B6 — node memory with few vs many VMs in the database",
+        "",
+        f"RSS with {b['small']} VMs: {b['rssSmallMiB']:.1f} MiB; with {b['large']} VMs: {b['rssLargeMiB']:.1f} MiB; "
+        f"ratio **{b['ratio']:.3f}×**",
+        "",
+    ]
 
 
 def _kib(value: float | None) -> str:
@@ -124,20 +159,29 @@ def _kib(value: float | None) -> str:
 
 def _b7(b: dict[str, Any]) -> list[str]:
     target_kib = b["targetBytesPerInFlight"] / 1024
-    lines = ["## B7 — N VM operations at once on 1 node, slow agent (AMQP client)", "",
-             "| N | L s | wall s | target wall s (2·L + N ÷ rate) | failed | max in flight | RSS before MiB | RSS growth MiB "
-             f"| KiB per in-flight (target ≤ {target_kib:.0f}) | KiB per operation | wall · failed · RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## B7 — N VM operations at once on 1 node, slow agent (AMQP client)",
+        "",
+        "| N | L s | wall s | target wall s (2·L + N ÷ rate) | failed | max in flight | RSS before MiB | RSS growth MiB "
+        f"| KiB per in-flight (target ≤ {target_kib:.0f}) | KiB per operation | wall · failed · RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in b["rows"]:
         met = r["met"]
-        lines.append(f"| {r['n']} | {r['latencyS']:g} | **{r['wallS']:.1f}** | {r['targetWallS']:.1f} | {r['failed']} "
-                     f"({codes(r['errorCodes'])}) | {r['maxInFlight']} | {r['rssBeforeMiB']:.0f} | {r['rssGrowthMiB']:.1f} | "
-                     f"{_kib(r['rssBytesPerInFlight'])} | {_kib(r['rssBytesPerOperation'])} | "
-                     f"{verdict(met['wall'])} · {verdict(met['failed'])} · {verdict(met['rss'])} |")
+        lines.append(
+            f"| {r['n']} | {r['latencyS']:g} | **{r['wallS']:.1f}** | {r['targetWallS']:.1f} | {r['failed']} "
+            f"({codes(r['errorCodes'])}) | {r['maxInFlight']} | {r['rssBeforeMiB']:.0f} | {r['rssGrowthMiB']:.1f} | "
+            f"{_kib(r['rssBytesPerInFlight'])} | {_kib(r['rssBytesPerOperation'])} | "
+            f"{verdict(met['wall'])} · {verdict(met['failed'])} · {verdict(met['rss'])} |"
+        )
     rates = "; ".join(f"N={n}: {v['opsPerSecond']:.0f} ops/s ({v['source']})" for n, v in b["rate"].items())
     env = ", ".join(f"{k}={v}" for k, v in b["nodeEnv"].items())
-    lines += ["", f"rate (1-node HTTP start/stop, c=16): {rates}. Node settings: {env}. In flight: the node's "
-              "`zstack_messages_in_flight` gauge (messages being handled, API and VM service together).", ""]
+    lines += [
+        "",
+        f"rate (1-node HTTP start/stop, c=16): {rates}. Node settings: {env}. In flight: the node's "
+        "`zstack_messages_in_flight` gauge (messages being handled, API and VM service together).",
+        "",
+    ]
     errors = samples(b["rows"])
     return [*lines, "First error of each code:", "", *errors, ""] if errors else lines
 
@@ -149,30 +193,56 @@ def _seconds(value: float | None) -> str:
 def _b8(b: dict[str, Any]) -> list[str]:
     load, met = b["load"], b["met"]
     peaks = ", ".join(f"{k} {v}" for k, v in b["peakDbConnectionsByPhase"].items())
-    lines = [f"## B8 — {b['nodes']} nodes on one machine, one PostgreSQL, one RabbitMQ "
-             f"(heartbeat {b['heartbeatS']:g} s, node_timeout {b['nodeTimeoutS']:g} s)", "",
-             "| measure | value | target | |", "|---|---|---|---|",
-             f"| failed calls ({load['okCalls']} ok over {load['seconds']:.0f} s) | {load['failedCalls']} "
-             f"({codes(load['errorCodes'])}) | 0 | {verdict(met['failedCalls'])} |",
-             f"| false evictions (of {b['evictions']} evictions) | {b['falseEvictions']} | 0 | {verdict(met['falseEvictions'])} |",
-             f"| rings agree after the join: every ring · database digests | {_seconds(load['join']['ringsS'])} · "
-             f"{_seconds(load['join']['databaseS'])} | ≤ {b['heartbeatS']:g} s (every ring) | {verdict(met['ringsAgreeJoin'])} |",
-             f"| rings agree after the leave (SIGTERM): every ring · database digests | {_seconds(load['leave']['ringsS'])} · "
-             f"{_seconds(load['leave']['databaseS'])} | ≤ {b['heartbeatS']:g} s (every ring) | {verdict(met['ringsAgreeLeave'])} |",
-             f"| peak database connections ({peaks}) | {b['peakDbConnections']} | ≤ 80 | {verdict(met['peakDbConnections'])} |",
-             "", "Membership cost per node at idle:", "",
-             "| nodes | queries (transactions) per heartbeat per node | rows read per heartbeat per node |", "|---|---|---|"]
-    lines += [f"| {r['nodes']} | {r['queriesPerHeartbeatPerNode']:.2f} | {r['rowsPerHeartbeatPerNode']:.1f} |" for r in b["idle"]]
-    lines += ["", "Ring lookup cost:", "", "| ring nodes | LiveRing.owner_of µs (repeated uuids) | HashRing.owner_of µs (uncached) |",
-              "|---|---|---|"]
+    lines = [
+        f"## B8 — {b['nodes']} nodes on one machine, one PostgreSQL, one RabbitMQ "
+        f"(heartbeat {b['heartbeatS']:g} s, node_timeout {b['nodeTimeoutS']:g} s)",
+        "",
+        "| measure | value | target | |",
+        "|---|---|---|---|",
+        f"| failed calls ({load['okCalls']} ok over {load['seconds']:.0f} s) | {load['failedCalls']} "
+        f"({codes(load['errorCodes'])}) | 0 | {verdict(met['failedCalls'])} |",
+        f"| false evictions (of {b['evictions']} evictions) | {b['falseEvictions']} | 0 | {verdict(met['falseEvictions'])} |",
+        f"| rings agree after the join: every ring · database digests | {_seconds(load['join']['ringsS'])} · "
+        f"{_seconds(load['join']['databaseS'])} | ≤ {b['heartbeatS']:g} s (every ring) | {verdict(met['ringsAgreeJoin'])} |",
+        f"| rings agree after the leave (SIGTERM): every ring · database digests | {_seconds(load['leave']['ringsS'])} · "
+        f"{_seconds(load['leave']['databaseS'])} | ≤ {b['heartbeatS']:g} s (every ring) | {verdict(met['ringsAgreeLeave'])} |",
+        f"| peak database connections ({peaks}) | {b['peakDbConnections']} | ≤ 80 | {verdict(met['peakDbConnections'])} |",
+        "",
+        "Membership cost per node at idle:",
+        "",
+        "| nodes | queries (transactions) per heartbeat per node | rows read per heartbeat per node |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {r['nodes']} | {r['queriesPerHeartbeatPerNode']:.2f} | {r['rowsPerHeartbeatPerNode']:.1f} |"
+        for r in b["idle"]
+    ]
+    lines += [
+        "",
+        "Ring lookup cost:",
+        "",
+        "| ring nodes | LiveRing.owner_of µs (repeated uuids) | HashRing.owner_of µs (uncached) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['nodes']} | {r['liveRingUs']:.2f} | {r['hashRingUncachedUs']:.2f} |" for r in b["ringLookup"]]
     env = ", ".join(f"{k}={v}" for k, v in b["nodeEnv"].items())
-    lines += ["", f"Node settings: {env}. \"Every ring\": each node's `zstack_ring_nodes` gauge; \"database digests\": "
-              "the ring digests nodes write with their heartbeat (what `zstack-mn status` reports; lags up to one heartbeat).", ""]
+    lines += [
+        "",
+        f'Node settings: {env}. "Every ring": each node\'s `zstack_ring_nodes` gauge; "database digests": '
+        "the ring digests nodes write with their heartbeat (what `zstack-mn status` reports; lags up to one heartbeat).",
+        "",
+    ]
     errors = samples([load])
     return [*lines, "First error of each code:", "", *errors, ""] if errors else lines
 
 
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
-    "b1": _b1, "b2": _b2, "b3": _b3, "b4": _b4, "b5": _b5, "b6": _b6, "b7": _b7, "b8": _b8,
+    "b1": _b1,
+    "b2": _b2,
+    "b3": _b3,
+    "b4": _b4,
+    "b5": _b5,
+    "b6": _b6,
+    "b7": _b7,
+    "b8": _b8,
 }

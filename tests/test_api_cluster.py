@@ -33,32 +33,42 @@ async def exercise_every_api(client: Client, agent: str, tag: str) -> dict[str, 
     handled: dict[str, str] = {}
     h1 = await client.add_host(f"{tag}-h1", f"{agent}/hosts/{tag}-1")
     h2 = await client.add_host(f"{tag}-h2", f"{agent}/hosts/{tag}-2")
-    assert h1["status"] == "Connected" and h1["totalCpuCapacity"] == 64
-    vms = [await client.create_vm(f"{tag}-vm{i}", cpu_num=1, memory_size="256M", host_uuid=h1["uuid"]) for i in range(6)]
+    assert h1["status"] == "Connected"
+    assert h1["totalCpuCapacity"] == 64
+    vms = [
+        await client.create_vm(f"{tag}-vm{i}", cpu_num=1, memory_size="256M", host_uuid=h1["uuid"]) for i in range(6)
+    ]
     for vm in vms:
-        assert vm["state"] == "Running" and vm["hostUuid"] == h1["uuid"]
+        assert vm["state"] == "Running"
+        assert vm["hostUuid"] == h1["uuid"]
         assert (await client.stop_vm(vm["uuid"]))["state"] == "Stopped"
         handled[vm["uuid"]] = client.last_handled_by or ""
         assert (await client.start_vm(vm["uuid"]))["state"] == "Running"
         assert (await client.reboot_vm(vm["uuid"]))["state"] == "Running"
         moved = await client.migrate_vm(vm["uuid"], h2["uuid"])
-        assert moved["hostUuid"] == h2["uuid"] and moved["lastHostUuid"] == h1["uuid"]
+        assert moved["hostUuid"] == h2["uuid"]
+        assert moved["lastHostUuid"] == h1["uuid"]
     with pytest.raises(ZStackError) as err:
         await client.send(__import__("zstack_mn.messages.api", fromlist=["x"]).APIDeleteHostMsg(uuid=h2["uuid"]))
     assert err.value.code is ErrorCode.HOST_IN_USE
     for vm in vms:
         assert (await client.destroy_vm(vm["uuid"]))["state"] == "Destroyed"
     disabled = await client.send(
-        __import__("zstack_mn.messages.api", fromlist=["x"]).APIChangeHostStateMsg(uuid=h1["uuid"], state_event="disable")
+        __import__("zstack_mn.messages.api", fromlist=["x"]).APIChangeHostStateMsg(
+            uuid=h1["uuid"], state_event="disable"
+        )
     )
     assert disabled["inventory"]["state"] == "Disabled"
     with pytest.raises(ZStackError) as err:
         await client.create_vm(f"{tag}-nope", cpu_num=1, memory_size="1M", host_uuid=h1["uuid"])
     assert err.value.code is ErrorCode.NO_CAPACITY
-    reconnected = await client.send(__import__("zstack_mn.messages.api", fromlist=["x"]).APIReconnectHostMsg(uuid=h1["uuid"]))
+    reconnected = await client.send(
+        __import__("zstack_mn.messages.api", fromlist=["x"]).APIReconnectHostMsg(uuid=h1["uuid"])
+    )
     assert reconnected["inventory"]["status"] == "Connected"
     page = await client.query_vms(name=f"{tag}-vm0")
-    assert page["total"] == 1 and page["inventories"][0]["state"] == "Destroyed"
+    assert page["total"] == 1
+    assert page["inventories"][0]["state"] == "Destroyed"
     nodes = await client.management_nodes()
     assert nodes["total"] == 3
     assert abs(sum(n["ringShare"] for n in nodes["inventories"]) - 1.0) < 0.01
@@ -68,7 +78,8 @@ async def exercise_every_api(client: Client, agent: str, tag: str) -> dict[str, 
 def assert_handled_by_owners(cluster: ClusterHarness, handled: dict[str, str]) -> None:
     """Each VM's operation ran on the node the ring names as its owner, whichever node took the call."""
     ring = HashRing({n.uuid for n in cluster.nodes})
-    assert handled and all(node == ring.owner_of(vm) for vm, node in handled.items()), handled
+    assert handled
+    assert all(node == ring.owner_of(vm) for vm, node in handled.items()), handled
 
 
 async def test_every_api_over_http_with_several_urls(cluster: ClusterHarness):
@@ -104,15 +115,20 @@ async def test_poison_on_the_api_and_a_service_queue(cluster: ClusterHarness):
     await t.consume(reply_q, replies.put, prefetch=10)
     node = cluster.nodes[0].uuid
     try:
-        bodies = [b"\xff\xfe not json", b'{"id": "1", "type": "APINoSuchMsg", "service": "api"}',
-                  b'{"id": "2", "type": "APIStartVmInstanceMsg", "service": "api", "body": {"uuid": 7}}',
-                  b"{" + b" " * (2 << 20) + b"}"]
+        bodies = [
+            b"\xff\xfe not json",
+            b'{"id": "1", "type": "APINoSuchMsg", "service": "api"}',
+            b'{"id": "2", "type": "APIStartVmInstanceMsg", "service": "api", "body": {"uuid": 7}}',
+            b"{" + b" " * (2 << 20) + b"}",
+        ]
         for queue in (topology.api_queue, topology.service_queue("vmInstance", node)):
             for i, body in enumerate(bodies):
                 corr = f"{queue}-{i}"
                 await t.publish(queue, body, message_id=corr, correlation_id=corr, reply_to=reply_q)
                 reply = decode((await asyncio.wait_for(replies.get(), 10)).body, 1 << 20)
-                assert reply.ok is False and reply.error is not None and reply.correlation_id == corr
+                assert reply.ok is False
+                assert reply.error is not None
+                assert reply.correlation_id == corr
         dead = 0
         while (got := await t.take(topology.dead_letter_queue)) is not None:
             await got[1]()
@@ -133,14 +149,20 @@ async def test_read_endpoints_metrics_and_openapi_on_every_node(cluster: Cluster
     async with httpx.AsyncClient(timeout=10) as http:
         for node in cluster.nodes:
             got_vm = await http.get(f"{node.url}/v1/vm-instances/{vm['uuid']}")
-            assert got_vm.status_code == 200 and got_vm.json()["inventory"]["uuid"] == vm["uuid"]
+            assert got_vm.status_code == 200
+            assert got_vm.json()["inventory"]["uuid"] == vm["uuid"]
             got_host = await http.get(f"{node.url}/v1/hosts/{host['uuid']}")
-            assert got_host.status_code == 200 and got_host.json()["inventory"]["name"] == "read-h"
+            assert got_host.status_code == 200
+            assert got_host.json()["inventory"]["name"] == "read-h"
             missing = await http.get(f"{node.url}/v1/hosts/{uuid.uuid4()}")
-            assert missing.status_code == 404 and missing.json()["error"]["code"] == ErrorCode.RESOURCE_NOT_FOUND.value
+            assert missing.status_code == 404
+            assert missing.json()["error"]["code"] == ErrorCode.RESOURCE_NOT_FOUND.value
             metrics = (await http.get(f"{node.url}/metrics")).text
-            assert "zstack_ring_nodes 3.0" in metrics and "zstack_heartbeat_age_seconds" in metrics
+            assert "zstack_ring_nodes 3.0" in metrics
+            assert "zstack_heartbeat_age_seconds" in metrics
             spec = (await http.get(f"{node.url}/openapi.json")).json()
-            assert {"/v1/vm-instances", "/v1/vm-instances/{uuid}/actions", "/v1/hosts", "/v1/management-nodes"} <= set(spec["paths"])
+            assert {"/v1/vm-instances", "/v1/vm-instances/{uuid}/actions", "/v1/hosts", "/v1/management-nodes"} <= set(
+                spec["paths"]
+            )
             assert "APICreateVmInstanceMsg" in spec["components"]["schemas"]
             assert (await http.get(f"{node.url}/docs")).status_code == 200

@@ -63,7 +63,9 @@ class EchoService:
         return {"node": self.node, "text": getattr(msg, "text", "")}
 
 
-async def make_node(make_transport, topology: Topology, node: str, ring_nodes: list[str]) -> tuple[CloudBus, EchoService]:
+async def make_node(
+    make_transport, topology: Topology, node: str, ring_nodes: list[str]
+) -> tuple[CloudBus, EchoService]:
     transport = await make_transport()
     ring = LiveRing(node, ring_nodes)
     bus = CloudBus(node, transport, topology, ring=ring)
@@ -87,7 +89,8 @@ async def test_request_reply_routes_to_owner(make_transport, topology):
     await make_node(make_transport, topology, b, [a, b])
     for node in (a, b):
         reply = await bus_a.call_envelope(EchoMsg(uuid=owned_by([a, b], node), text="hi"), timeout=5)
-        assert reply.ok and reply.body == {"node": node, "text": "hi"}
+        assert reply.ok
+        assert reply.body == {"node": node, "text": "hi"}
         assert reply.handled_by == node
 
 
@@ -137,7 +140,8 @@ async def test_event_fans_out_to_every_subscriber(make_transport, topology):
     await buses[0].publish(PingedEvent(text="hello"))
     for n in nodes:
         evt = await asyncio.wait_for(received[n].get(), 5)
-        assert isinstance(evt, PingedEvent) and evt.text == "hello"
+        assert isinstance(evt, PingedEvent)
+        assert evt.text == "hello"
 
 
 async def raw_call(bus: CloudBus, queue: str, body: bytes) -> Envelope:
@@ -168,16 +172,20 @@ async def test_poison_messages_get_error_replies_and_are_dead_lettered(make_tran
         b"{not json": ErrorCode.MALFORMED_MESSAGE,
         orjson.dumps({"id": "x", "type": "NoSuchMsg", "service": SERVICE}): ErrorCode.UNKNOWN_MESSAGE_TYPE,
         orjson.dumps({**good.model_dump(by_alias=True), "body": {"uuid": "not-a-uuid"}}): ErrorCode.INVALID_ARGUMENT,
-        orjson.dumps({**good.model_dump(by_alias=True), "body": {"uuid": str(uuid.uuid4()), "delay": "slow"}}): ErrorCode.INVALID_ARGUMENT,
+        orjson.dumps(
+            {**good.model_dump(by_alias=True), "body": {"uuid": str(uuid.uuid4()), "delay": "slow"}}
+        ): ErrorCode.INVALID_ARGUMENT,
         orjson.dumps({"id": "x", "type": "EchoMsg", "hops": -1}): ErrorCode.MALFORMED_MESSAGE,
         b"[" * 10 + b" " * (2 << 20): ErrorCode.MESSAGE_TOO_LARGE,
     }
     for body, code in cases.items():
         reply = await raw_call(bus, queue, body)
-        assert reply.ok is False and reply.error is not None
+        assert reply.ok is False
+        assert reply.error is not None
         assert reply.error.code == code.value, (body[:60], reply.error)
     bad_field = await raw_call(bus, queue, orjson.dumps({**good.model_dump(by_alias=True), "body": {"uuid": "nope"}}))
-    assert bad_field.error is not None and bad_field.error.details["field"] == "uuid"
+    assert bad_field.error is not None
+    assert bad_field.error.details["field"] == "uuid"
     assert await dead_letters(bus, topology) == len(cases) + 1
     assert service.handled == []
     assert (await bus.call(EchoMsg(uuid=str(uuid.uuid4()), text="alive"), timeout=5))["text"] == "alive"
@@ -201,7 +209,8 @@ async def test_thousand_concurrent_calls(make_transport, topology):
     replies = await asyncio.gather(*calls)
     assert sorted(int(r["text"]) for r in replies) == list(range(1000))
     assert len(s0.handled) + len(s1.handled) == 1000
-    assert s0.handled and s1.handled
+    assert s0.handled
+    assert s1.handled
 
 
 async def test_receiver_forwards_a_message_it_does_not_own(make_transport, topology):
@@ -212,7 +221,8 @@ async def test_receiver_forwards_a_message_it_does_not_own(make_transport, topol
     resource = owned_by([a, b], b)
     reply = await bus_stale.call_envelope(EchoMsg(uuid=resource), timeout=5)
     assert reply.handled_by == b
-    assert service_a.handled == [] and len(service_b.handled) == 1
+    assert service_a.handled == []
+    assert len(service_b.handled) == 1
 
 
 async def test_hop_limit_stops_forwarding_loops(make_transport, topology):

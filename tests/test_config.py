@@ -15,7 +15,8 @@ def test_defaults_are_embedded(monkeypatch: pytest.MonkeyPatch):
     for key in ("ZSTACK_MN_BROKER_URL", "ZSTACK_MN_DATABASE_URL"):
         monkeypatch.delenv(key, raising=False)
     s = load_settings()
-    assert s.is_embedded and s.run_embedded_agent
+    assert s.is_embedded
+    assert s.run_embedded_agent
     assert s.database_url.startswith("sqlite+aiosqlite:///")
     assert (s.http_host, s.http_port, s.heartbeat_interval, s.node_timeout) == ("127.0.0.1", 8080, 2.0, 10.0)
     assert s.fence_after_s == 5.0
@@ -49,8 +50,12 @@ def test_cli_start_with_a_bad_setting_exits_2_with_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "zstack_mn", "start"],
         env={"ZSTACK_MN_HTTP_PORT": "99999", "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "http_port" in lines[0] and "Traceback" not in proc.stderr
+    assert len(lines) == 1
+    assert "http_port" in lines[0]
+    assert "Traceback" not in proc.stderr

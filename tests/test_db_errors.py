@@ -11,6 +11,12 @@ from zstack_mn.messages import ErrorCode, ZStackError
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 
+async def run_in_transaction(db: Database, *statements: str) -> None:
+    async with db.begin() as conn:
+        for statement in statements:
+            await conn.execute(text(statement))
+
+
 async def test_lock_timeout_and_cancelled_statement_are_retryable(pg_database: str):
     holder, waiter = Database(pg_database, timeout=1.0), Database(pg_database, timeout=1.0)
     try:
@@ -21,16 +27,15 @@ async def test_lock_timeout_and_cancelled_statement_are_retryable(pg_database: s
         await locked.begin()
         await locked.execute(text("UPDATE message_result SET reply = '{}' WHERE id = 'k'"))
         with pytest.raises(ZStackError) as err:
-            async with waiter.begin() as conn:
-                await conn.execute(text("UPDATE message_result SET reply = '{}' WHERE id = 'k'"))
-        assert err.value.code is ErrorCode.DATABASE_UNAVAILABLE and err.value.retryable
+            await run_in_transaction(waiter, "UPDATE message_result SET reply = '{}' WHERE id = 'k'")
+        assert err.value.code is ErrorCode.DATABASE_UNAVAILABLE
+        assert err.value.retryable
         await locked.rollback()
         await locked.close()
         with pytest.raises(ZStackError) as err:
-            async with waiter.begin() as conn:
-                await conn.execute(text("SET LOCAL statement_timeout = 50"))
-                await conn.execute(text("SELECT pg_sleep(0.5)"))
-        assert err.value.code is ErrorCode.DATABASE_UNAVAILABLE and err.value.retryable
+            await run_in_transaction(waiter, "SET LOCAL statement_timeout = 50", "SELECT pg_sleep(0.5)")
+        assert err.value.code is ErrorCode.DATABASE_UNAVAILABLE
+        assert err.value.retryable
     finally:
         await holder.close()
         await waiter.close()

@@ -49,8 +49,10 @@ def test_live_ring_notifies_changes_only():
     ring = LiveRing("a", ["a"])
     seen: list[tuple[int, int]] = []
     ring.add_listener(lambda old, new: seen.append((len(old), len(new))))
-    assert ring.add("b") and not ring.add("b")
-    assert ring.remove("b") and not ring.remove("b")
+    assert ring.add("b")
+    assert not ring.add("b")
+    assert ring.remove("b")
+    assert not ring.remove("b")
     assert seen == [(1, 2), (2, 1)]
     assert ring.is_mine(str(uuid.uuid4()))
     with pytest.raises(EmptyRingError):

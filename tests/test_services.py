@@ -52,10 +52,12 @@ async def count(node: Node, table, **where) -> int:
 
 async def test_vm_lifecycle_and_invalid_transitions(node: Node, client: Client):
     vm = await client.create_vm("web1", cpu_num=2, memory_size="1G")
-    assert vm["state"] == "Running" and vm["memorySize"] == 1 << 30
+    assert vm["state"] == "Running"
+    assert vm["memorySize"] == 1 << 30
     with pytest.raises(ZStackError) as err:
         await client.start_vm(vm["uuid"])
-    assert err.value.code is ErrorCode.INVALID_STATE and "Running" in err.value.description
+    assert err.value.code is ErrorCode.INVALID_STATE
+    assert "Running" in err.value.description
     assert (await client.stop_vm(vm["uuid"]))["state"] == "Stopped"
     with pytest.raises(ZStackError) as err:
         await client.reboot_vm(vm["uuid"])
@@ -63,7 +65,8 @@ async def test_vm_lifecycle_and_invalid_transitions(node: Node, client: Client):
     assert (await client.start_vm(vm["uuid"]))["state"] == "Running"
     assert (await client.reboot_vm(vm["uuid"]))["state"] == "Running"
     destroyed = await client.destroy_vm(vm["uuid"])
-    assert destroyed["state"] == "Destroyed" and destroyed.get("hostUuid") is None
+    assert destroyed["state"] == "Destroyed"
+    assert destroyed.get("hostUuid") is None
     host = (await client.query_hosts())["inventories"][0]
     assert host["availableCpuCapacity"] == host["totalCpuCapacity"]
 
@@ -86,12 +89,14 @@ async def test_agent_error_gives_the_capacity_back(node: Node, client: Client):
 
 
 async def test_agent_timeout_is_a_clear_error_and_the_vm_settles(node: Node, client: Client):
-    assert node.bus is not None and node.simulated_agent is not None
+    assert node.bus is not None
+    assert node.simulated_agent is not None
     vm = await client.create_vm("slow", cpu_num=1, memory_size="128M")
     faults(node, AgentFault(op="stop", latency=1.5))
     with pytest.raises(ZStackError) as err:
         await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="slow-stop-1")
-    assert err.value.code is ErrorCode.AGENT_TIMEOUT and err.value.retryable
+    assert err.value.code is ErrorCode.AGENT_TIMEOUT
+    assert err.value.retryable
     assert (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]["state"] in ("Running", "Unknown")
     faults(node)
     retried = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="slow-stop-1")
@@ -100,7 +105,8 @@ async def test_agent_timeout_is_a_clear_error_and_the_vm_settles(node: Node, cli
 
 
 async def test_same_message_id_is_applied_once(node: Node, client: Client):
-    assert node.bus is not None and node.simulated_agent is not None
+    assert node.bus is not None
+    assert node.simulated_agent is not None
     vm = await client.create_vm("dup", cpu_num=1, memory_size="128M")
     await client.stop_vm(vm["uuid"])
     msg_id = "start-once-0001"
@@ -109,8 +115,10 @@ async def test_same_message_id_is_applied_once(node: Node, client: Client):
         node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id + "-retry"),
         return_exceptions=True,
     )
-    assert isinstance(first, dict) and first["state"] == "Running"
-    assert isinstance(second, ZStackError) and second.code is ErrorCode.INVALID_STATE
+    assert isinstance(first, dict)
+    assert first["state"] == "Running"
+    assert isinstance(second, ZStackError)
+    assert second.code is ErrorCode.INVALID_STATE
     again = await node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id)
     assert again["state"] == "Running"
     assert node.simulated_agent.effects[msg_id] == 1
@@ -165,7 +173,8 @@ async def test_unreachable_agent_disconnects_host_and_vms_come_back(node: Node, 
         if ("Unknown", "Running") in seen:
             break
         await asyncio.sleep(0.02)
-    assert ("Running", "Unknown") in seen and ("Unknown", "Running") in seen, seen
+    assert ("Running", "Unknown") in seen, seen
+    assert ("Unknown", "Running") in seen, seen
 
 
 async def test_stop_of_a_vm_on_a_missing_host_is_clean(node: Node, client: Client):
@@ -194,25 +203,28 @@ async def test_http_errors_name_the_field_and_write_nothing(node: Node):
             resp = await http.request(method, path, json=body)
             assert resp.status_code == status, (path, body, resp.text)
             err = resp.json()["error"]
-            assert err["code"] and err["description"]
+            assert err["code"]
+            assert err["description"]
             assert field in err["description"] or field in str(err["details"]), (field, err)
-        big = await http.post("/v1/vm-instances", content=b"{" + b" " * (70 * 1024) + b"}",
-                               headers={"content-type": "application/json"})
+        big = await http.post(
+            "/v1/vm-instances", content=b"{" + b" " * (70 * 1024) + b"}", headers={"content-type": "application/json"}
+        )
         assert big.status_code == 413
     assert await count(node, VmInstance.__table__) == 0
     assert (await httpx.AsyncClient().get(node.http_url + "/readyz")).json()["ready"] is True
 
 
 async def test_bearer_token_guards_the_api_but_not_health(tmp_path: Path):
-    async with embedded_node(tmp_path, api_token="s3cret") as n:
-        async with httpx.AsyncClient(base_url=n.http_url) as http:
-            denied = await http.get("/v1/vm-instances")
-            assert denied.status_code == 401 and denied.json()["error"]["code"] == "SYS.1005"
-            allowed = await http.get("/v1/vm-instances", headers={"Authorization": "Bearer s3cret"})
-            assert allowed.status_code == 200
-            assert (await http.get("/healthz")).status_code == 200
-            metrics = (await http.get("/metrics")).text
-            assert "zstack_messages_handled_total" in metrics and "zstack_heartbeat_age_seconds" in metrics
+    async with embedded_node(tmp_path, api_token="s3cret") as n, httpx.AsyncClient(base_url=n.http_url) as http:
+        denied = await http.get("/v1/vm-instances")
+        assert denied.status_code == 401
+        assert denied.json()["error"]["code"] == "SYS.1005"
+        allowed = await http.get("/v1/vm-instances", headers={"Authorization": "Bearer s3cret"})
+        assert allowed.status_code == 200
+        assert (await http.get("/healthz")).status_code == 200
+        metrics = (await http.get("/metrics")).text
+        assert "zstack_messages_handled_total" in metrics
+        assert "zstack_heartbeat_age_seconds" in metrics
 
 
 async def test_stored_replies_expire(node: Node, client: Client):
@@ -227,7 +239,8 @@ async def test_stored_replies_expire(node: Node, client: Client):
 
 
 async def test_a_stale_copy_of_a_finished_operation_is_answered_not_reapplied(node: Node, client: Client):
-    assert node.bus is not None and node.simulated_agent is not None
+    assert node.bus is not None
+    assert node.simulated_agent is not None
     vm = await client.create_vm("stale", cpu_num=1, memory_size="64M")
     stopped = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="stop-then-start-1")
     assert stopped["state"] == "Stopped"

@@ -1,10 +1,10 @@
 """The ``zstack-mn`` command.
 
-    zstack-mn start [--config FILE] [--broker-url URL] [--database-url URL] [--http-port N]
-    zstack-mn migrate
-    zstack-mn agent --port 9100
-    zstack-mn status [--json]
-    zstack-mn api CreateVmInstance name=web1 cpuNum=1 memorySize=1G
+zstack-mn start [--config FILE] [--broker-url URL] [--database-url URL] [--http-port N]
+zstack-mn migrate
+zstack-mn agent --port 9100
+zstack-mn status [--json]
+zstack-mn api CreateVmInstance name=web1 cpuNum=1 memorySize=1G
 """
 
 from __future__ import annotations
@@ -52,8 +52,13 @@ def start(
 ) -> None:
     """Run a management node until SIGTERM / SIGINT (a second signal stops at once)."""
     settings = _settings(
-        config, broker_url=broker_url, database_url=database_url, http_host=http_host, http_port=http_port,
-        queue_prefix=queue_prefix, log_level=log_level,
+        config,
+        broker_url=broker_url,
+        database_url=database_url,
+        http_host=http_host,
+        http_port=http_port,
+        queue_prefix=queue_prefix,
+        log_level=log_level,
     )
     configure_logging(settings.log_level, settings.log_format)
     from zstack_mn.node import Node

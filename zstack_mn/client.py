@@ -224,13 +224,19 @@ class AmqpApiTransport(ApiTransport):
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
         headers = {IDEMPOTENCY_HEADER: key} if key else {}
-        env = Envelope.request(msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=new_id(), headers=headers)
+        env = Envelope.request(
+            msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=new_id(), headers=headers
+        )
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._pending[env.id] = _Pending(fut)
         try:
             await self.transport.publish(
-                self.topology.api_queue, encode(env, 16 << 20), message_id=env.id, correlation_id=env.id,
-                reply_to=self.reply_queue, ttl_ms=env.ttl_ms,
+                self.topology.api_queue,
+                encode(env, 16 << 20),
+                message_id=env.id,
+                correlation_id=env.id,
+                reply_to=self.reply_queue,
+                ttl_ms=env.ttl_ms,
             )
             reply = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -286,8 +292,9 @@ class Client:
     async def add_host(self, name: str, agent_url: str, *, key: str | None = None) -> dict[str, Any]:
         return await self._inventory(APIAddHostMsg(name=name, agent_url=agent_url), key)
 
-    async def create_vm(self, name: str, *, cpu_num: int, memory_size: int | str, host_uuid: str | None = None,
-                        key: str | None = None) -> dict[str, Any]:
+    async def create_vm(
+        self, name: str, *, cpu_num: int, memory_size: int | str, host_uuid: str | None = None, key: str | None = None
+    ) -> dict[str, Any]:
         return await self._inventory(
             APICreateVmInstanceMsg(name=name, cpu_num=cpu_num, memory_size=memory_size, host_uuid=host_uuid), key
         )

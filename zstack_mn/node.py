@@ -62,10 +62,15 @@ def make_transport(settings: Settings, topology: Topology, name: str) -> Transpo
         return MemoryTransport(settings.broker_url, topology.dead_letter_queue)
     if settings.broker_url.startswith(("amqp://", "amqps://")):
         return AmqpTransport(
-            settings.broker_url, topology, publish_timeout=settings.publish_timeout, connection_name=name,
+            settings.broker_url,
+            topology,
+            publish_timeout=settings.publish_timeout,
+            connection_name=name,
             heartbeat=settings.amqp_heartbeat,
         )
-    raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"broker_url: unsupported scheme in {settings.broker_url.split('://')[0]}://")
+    raise ZStackError(
+        ErrorCode.INVALID_ARGUMENT, f"broker_url: unsupported scheme in {settings.broker_url.split('://')[0]}://"
+    )
 
 
 class Node:
@@ -183,26 +188,52 @@ class Node:
         await self.transport.start()
         self.ring = LiveRing(self.uuid)
         limits = BusLimits(s.call_timeout, s.max_message_bytes, s.max_in_flight, s.max_hops)
-        self.bus = CloudBus(self.uuid, self.transport, self.topology, ring=self.ring, limits=limits,
-                            metrics=self.metrics, on_no_route=self._on_no_route)
-        self.agents = AgentClient(s.agent_timeout, self.uuid, fenced=self._fenced,
-                                  max_connections=s.agent_max_connections, pool_timeout=s.call_timeout)
+        self.bus = CloudBus(
+            self.uuid,
+            self.transport,
+            self.topology,
+            ring=self.ring,
+            limits=limits,
+            metrics=self.metrics,
+            on_no_route=self._on_no_route,
+        )
+        self.agents = AgentClient(
+            s.agent_timeout,
+            self.uuid,
+            fenced=self._fenced,
+            max_connections=s.agent_max_connections,
+            pool_timeout=s.call_timeout,
+        )
         if s.run_embedded_agent:
             self.simulated_agent = SimulatedAgent()
-            self.agent_server = EmbeddedServer(create_agent_app(self.simulated_agent), "127.0.0.1", s.embedded_agent_port)
+            self.agent_server = EmbeddedServer(
+                create_agent_app(self.simulated_agent), "127.0.0.1", s.embedded_agent_port
+            )
             await self.agent_server.start()
         http_address = f"http://{s.http_host}:{s.http_port}" if s.http_enabled else ""
         self.membership = Membership(
-            self.uuid, self.db, self.bus, self.ring, s, services=self.service_names,
-            http_address=http_address, on_evicted=self._on_evicted,
+            self.uuid,
+            self.db,
+            self.bus,
+            self.ring,
+            s,
+            services=self.service_names,
+            http_address=http_address,
+            on_evicted=self._on_evicted,
         )
         await self.membership.join()
         await self.membership.reconcile()
         await self.bus.start()
         membership = self.membership
         ctx = ServiceContext(
-            self.uuid, self.bus, self.db, self.ring, s, self.agents,
-            is_fenced=lambda: membership.fenced, is_evicted=lambda: membership.evicted,
+            self.uuid,
+            self.bus,
+            self.db,
+            self.ring,
+            s,
+            self.agents,
+            is_fenced=lambda: membership.fenced,
+            is_evicted=lambda: membership.evicted,
             heartbeat_written=membership.heartbeat_written,
         )
         classes = [*BUILTIN_SERVICES, *plugin_services(), *self.extra_services]
@@ -220,9 +251,17 @@ class Node:
             await service.start()
         if s.http_enabled:
             self.http = EmbeddedServer(
-                create_app(self.portal, node_uuid=self.uuid, readiness=self.readiness, metrics_registry=self.metrics.registry,
-                           api_token=s.api_token, call_timeout=s.call_timeout),
-                s.http_host, s.http_port, limit_concurrency=s.max_in_flight,
+                create_app(
+                    self.portal,
+                    node_uuid=self.uuid,
+                    readiness=self.readiness,
+                    metrics_registry=self.metrics.registry,
+                    api_token=s.api_token,
+                    call_timeout=s.call_timeout,
+                ),
+                s.http_host,
+                s.http_port,
+                limit_concurrency=s.max_in_flight,
             )
             await self.http.start()
         self._started = True
@@ -234,7 +273,9 @@ class Node:
         return [svc.name for svc in self.services]
 
     async def _ensure_default_host(self) -> None:
-        assert self.bus is not None and self.agent_server is not None and self.db is not None
+        assert self.bus is not None
+        assert self.agent_server is not None
+        assert self.db is not None
         url = f"{self.agent_server.url}/hosts/{EMBEDDED_HOST_ID}"
         hosts = HostRepository(self.db)
         _, existing = await hosts.query({"name": DEFAULT_HOST_NAME}, 1, 0)

@@ -116,7 +116,9 @@ class AgentClient:
             await self._request("GET", f"{agent_url}/ping", None)
         except ZStackError as exc:
             if exc.code is ErrorCode.AGENT_ERROR:
-                raise ZStackError(ErrorCode.AGENT_UNREACHABLE, f"agent {agent_url} ping failed: {exc.description}") from None
+                raise ZStackError(
+                    ErrorCode.AGENT_UNREACHABLE, f"agent {agent_url} ping failed: {exc.description}"
+                ) from None
             raise
 
     async def vm_op(self, agent_url: str, vm_uuid: str, op: str, req: VmOp) -> VmStatus:

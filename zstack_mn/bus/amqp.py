@@ -260,7 +260,9 @@ class AmqpTransport(Transport):
                 if ex is None:
                     ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
                     self._exchanges[exchange] = ex
-                await ex.publish(aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=topic, mandatory=False)
+                await ex.publish(
+                    aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=topic, mandatory=False
+                )
         except _DOWN_ERRORS as exc:
             raise TransportDown(f"event publish failed: {type(exc).__name__} {exc}") from exc
 
@@ -272,9 +274,7 @@ class AmqpTransport(Transport):
         await q.bind(ex, routing_key=pattern)
 
     async def _scratch_channel(self) -> AbstractChannel:
-        return await asyncio.wait_for(
-            self._require().channel(publisher_confirms=False), self.publish_timeout
-        )
+        return await asyncio.wait_for(self._require().channel(publisher_confirms=False), self.publish_timeout)
 
     async def take(self, queue: str) -> tuple[Delivery, Callable[[], Awaitable[None]]] | None:
         channel = await self._scratch_channel()
@@ -319,9 +319,7 @@ class AmqpTransport(Transport):
     async def queue_status(self, queue: str) -> tuple[int, int] | None:
         channel = await self._scratch_channel()
         try:
-            ok = await asyncio.wait_for(
-                channel.declare_queue(queue, passive=True), self.publish_timeout
-            )
+            ok = await asyncio.wait_for(channel.declare_queue(queue, passive=True), self.publish_timeout)
             result = ok.declaration_result
             return int(result.message_count or 0), int(result.consumer_count or 0)
         except aiormq.exceptions.ChannelNotFoundEntity:

@@ -138,7 +138,9 @@ class CloudBus:
     async def start(self) -> None:
         """Declare and consume this node's reply and event queues."""
         await self.transport.declare(self.reply_queue, QueueKind.PRIVATE)
-        await self.transport.consume(self.reply_queue, self._on_reply, prefetch=min(max(self.limits.prefetch * 4, 256), MAX_PREFETCH))
+        await self.transport.consume(
+            self.reply_queue, self._on_reply, prefetch=min(max(self.limits.prefetch * 4, 256), MAX_PREFETCH)
+        )
         await self.transport.declare(self.event_queue, QueueKind.PRIVATE)
         await self.transport.bind(self.event_queue, self.topology.event_exchange, TOPIC_NODE_ALL)
         for pattern, _ in self._subscribers:
@@ -158,7 +160,9 @@ class CloudBus:
         """Consume the shared API queue (load-balanced across nodes)."""
         queue = self.topology.api_queue
         await self.transport.declare(queue, QueueKind.SHARED)
-        await self.transport.consume(queue, self._request_handler(API_SERVICE, dispatcher), prefetch=self.limits.prefetch)
+        await self.transport.consume(
+            queue, self._request_handler(API_SERVICE, dispatcher), prefetch=self.limits.prefetch
+        )
         self._serving.append(queue)
 
     async def stop_serving(self) -> None:
@@ -228,11 +232,17 @@ class CloudBus:
         is the receiver, so it is surely alive, and a crash takes the caller with it."""
         timeout = self.limits.call_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        env = Envelope.request(msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=msg_id, headers=headers)
+        env = Envelope.request(
+            msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=msg_id, headers=headers
+        )
         corr = env.correlation_id
         assert corr is not None
         local = self._local.get(env.service)
-        if local is not None and env.resource_uuid is not None and self._owner_or_none(env.resource_uuid) != self.node_uuid:
+        if (
+            local is not None
+            and env.resource_uuid is not None
+            and self._owner_or_none(env.resource_uuid) != self.node_uuid
+        ):
             local = None
         if local is not None:
             task = asyncio.ensure_future(self._handle(env.service, local, Request(env, msg, deadline)))
@@ -305,7 +315,11 @@ class CloudBus:
                 await self._publish(queue, env, deadline)
                 return
             except NoRouteError:
-                if attempt == NO_ROUTE_RETRIES or time.monotonic() + delay >= deadline or queue == self.topology.api_queue:
+                if (
+                    attempt == NO_ROUTE_RETRIES
+                    or time.monotonic() + delay >= deadline
+                    or queue == self.topology.api_queue
+                ):
                     raise ZStackError(
                         ErrorCode.NO_ROUTE, f"no route to {queue}: its node is gone or not serving {env.service}"
                     ) from None
@@ -334,7 +348,10 @@ class CloudBus:
         env.headers[TOPIC_HEADER] = event.topic()
         try:
             await self.transport.publish_event(
-                self.topology.event_exchange, event.topic(), encode(env, self.limits.max_message_bytes), message_id=env.id
+                self.topology.event_exchange,
+                event.topic(),
+                encode(env, self.limits.max_message_bytes),
+                message_id=env.id,
             )
         except TransportDown as exc:
             log.warning("event not published", event_type=event.type_name, error=str(exc))
@@ -383,7 +400,7 @@ class CloudBus:
         try:
             env = decode(delivery.body, self.limits.max_message_bytes)
             msg = env.parse_message()
-            if env.service != msg.SERVICE or (service != API_SERVICE and msg.SERVICE != service):
+            if env.service != msg.SERVICE or (service != API_SERVICE and service != msg.SERVICE):
                 raise ZStackError(ErrorCode.NO_HANDLER, f"{env.type} does not belong to service {service}")
         except ZStackError as exc:
             self.metrics.dead_lettered.labels(reason=exc.code.name).inc()
@@ -456,13 +473,17 @@ class CloudBus:
             await self._route(env, deadline if deadline is not None else time.monotonic() + self.limits.call_timeout)
         except ZStackError as exc:
             if env.reply_to:
-                await self._send_reply(env.reply_to, Envelope.reply_error(env.correlation_id or env.id, exc, self.node_uuid))
+                await self._send_reply(
+                    env.reply_to, Envelope.reply_error(env.correlation_id or env.id, exc, self.node_uuid)
+                )
 
     async def _send_reply(self, reply_to: str, reply: Envelope) -> None:
         try:
             body = encode(reply, self.limits.max_message_bytes)
         except ZStackError as exc:
-            body = encode(Envelope.reply_error(reply.correlation_id or "", exc, self.node_uuid), self.limits.max_message_bytes)
+            body = encode(
+                Envelope.reply_error(reply.correlation_id or "", exc, self.node_uuid), self.limits.max_message_bytes
+            )
         try:
             await self.transport.publish(
                 reply_to, body, message_id=reply.id, correlation_id=reply.correlation_id, mandatory=False

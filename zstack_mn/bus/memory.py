@@ -14,6 +14,7 @@ import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import structlog
 
@@ -69,7 +70,7 @@ class _Queue:
 class MemoryBroker:
     """The shared state behind every transport opened on one ``memory://`` URL."""
 
-    _brokers: dict[str, MemoryBroker] = {}
+    _brokers: ClassVar[dict[str, MemoryBroker]] = {}
 
     def __init__(self) -> None:
         self.queues: dict[str, _Queue] = {}

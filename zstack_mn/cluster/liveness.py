@@ -89,6 +89,8 @@ class LivenessSession:
         conn, self._conn, self.held_since = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}), self.timeout)
+                await asyncio.wait_for(
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key}), self.timeout
+                )
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), self.timeout)

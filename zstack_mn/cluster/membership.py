@@ -195,8 +195,10 @@ class Membership:
                 ):
                     await self.liveness.lost()
                     await self.liveness.ensure()
-                log.warning("heartbeat on the liveness session failed; writing it through the pool",
-                            error=f"{type(exc).__name__}: {exc}")
+                log.warning(
+                    "heartbeat on the liveness session failed; writing it through the pool",
+                    error=f"{type(exc).__name__}: {exc}",
+                )
         return await self.nodes.beat(self.node_uuid, digest)
 
     def _apply(self, rows: list[NodeRow]) -> None:
@@ -222,8 +224,7 @@ class Membership:
         trusted_for = now - (self.healthy_since or now)
         use_timeout = trusted_for >= self.settings.node_timeout
         use_liveness = (
-            self.liveness.enabled
-            and self.liveness.age() >= LIVENESS_TRUST_ROUNDS * self.settings.heartbeat_interval
+            self.liveness.enabled and self.liveness.age() >= LIVENESS_TRUST_ROUNDS * self.settings.heartbeat_interval
         )
         for row in rows:
             if row.uuid == self.node_uuid:
@@ -231,11 +232,12 @@ class Membership:
             won, reason = False, ""
             if use_timeout and row.heartbeat_age > self.settings.node_timeout:
                 won, reason = await self.nodes.evict_if_stale(row.uuid, self.settings.node_timeout), "heartbeat timeout"
-            elif use_liveness and row.session_held is not None:
-                if not row.session_held:
-                    won, reason = await self.nodes.evict_if_session_gone(row.uuid, row.liveness_key), "session gone"
+            elif use_liveness and row.session_held is False:
+                won, reason = await self.nodes.evict_if_session_gone(row.uuid, row.liveness_key), "session gone"
             if won:
-                log.warning("evicted a dead node", dead=row.uuid, reason=reason, heartbeat_age=round(row.heartbeat_age, 2))
+                log.warning(
+                    "evicted a dead node", dead=row.uuid, reason=reason, heartbeat_age=round(row.heartbeat_age, 2)
+                )
                 self.ring.remove(row.uuid)
                 task = asyncio.get_running_loop().create_task(self._rescue(row.uuid, reason))
                 self._rescues.add(task)

@@ -6,7 +6,6 @@ lock, and the few dialect differences (database-time arithmetic) in one place.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -38,7 +37,7 @@ def alembic_config() -> Config:
 
 def normalise_url(url: str) -> str:
     """Accept ``postgresql://`` and ``sqlite://`` and pick the async drivers."""
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+asyncpg://" + url.split("://", 1)[1]
     if url.startswith("sqlite:///"):
         return "sqlite+aiosqlite:///" + url.split(":///", 1)[1]
@@ -78,15 +77,23 @@ class Database:
             server_settings = {"lock_timeout": str(int(timeout * 1000))}
             if idle_transaction_timeout is not None:
                 server_settings["idle_in_transaction_session_timeout"] = str(int(idle_transaction_timeout * 1000))
-            kwargs["connect_args"] = {"timeout": timeout, "command_timeout": timeout, "server_settings": server_settings}
+            kwargs["connect_args"] = {
+                "timeout": timeout,
+                "command_timeout": timeout,
+                "server_settings": server_settings,
+            }
         self.engine: AsyncEngine = create_async_engine(
             self.url,
             **kwargs,
-            **({} if self.is_sqlite else {
-                "pool_size": pool_size,
-                "max_overflow": max_overflow,
-                "pool_timeout": timeout if pool_timeout is None else pool_timeout,
-            }),
+            **(
+                {}
+                if self.is_sqlite
+                else {
+                    "pool_size": pool_size,
+                    "max_overflow": max_overflow,
+                    "pool_timeout": timeout if pool_timeout is None else pool_timeout,
+                }
+            ),
         )
         self.direct: AsyncEngine = create_async_engine(self.url, poolclass=NullPool, **kwargs)
         if self.is_sqlite:
@@ -153,7 +160,7 @@ def translated_errors() -> Iterator[None]:
     """Database outages and retryable SQLSTATEs become a retryable DATABASE_UNAVAILABLE error."""
     try:
         yield
-    except (OperationalError, OSError, ConnectionError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OperationalError, OSError, ConnectionError) as exc:
         raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}") from exc
     except PoolTimeoutError as exc:
         raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "no database connection free in time; retry") from exc

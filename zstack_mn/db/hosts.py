@@ -66,7 +66,9 @@ class HostRepository:
     async def update(self, uuid: str, **values: Any) -> bool:
         async with self.db.begin() as conn:
             result = await conn.execute(
-                update(HOST).where(HOST.c.uuid == uuid).values(**values, version=HOST.c.version + 1, updated_at=func.now())
+                update(HOST)
+                .where(HOST.c.uuid == uuid)
+                .values(**values, version=HOST.c.version + 1, updated_at=func.now())
             )
             return result.rowcount == 1
 
@@ -147,5 +149,7 @@ class HostRepository:
         cond = and_(*[getattr(HOST.c, k) == v for k, v in filters.items()]) if filters else True
         async with self.db.begin() as conn:
             total = (await conn.execute(select(func.count()).select_from(HOST).where(cond))).scalar_one()
-            rows = await conn.execute(select(HOST).where(cond).order_by(HOST.c.created_at, HOST.c.uuid).limit(limit).offset(start))
+            rows = await conn.execute(
+                select(HOST).where(cond).order_by(HOST.c.created_at, HOST.c.uuid).limit(limit).offset(start)
+            )
             return int(total), [host_inventory(r) for r in rows]

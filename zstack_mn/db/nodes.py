@@ -99,8 +99,16 @@ class NodeRepository:
             else:
                 row = await self.db.fetch_one(_HEARTBEAT, uuid=uuid, digest=ring_digest)
             rows = [
-                NodeRow(r["uuid"], r["host_name"], r["http_address"], r["state"], int(r["liveness_key"]),
-                        r["ring_digest"], float(r["heartbeat_age"]), bool(r["session_held"]))
+                NodeRow(
+                    r["uuid"],
+                    r["host_name"],
+                    r["http_address"],
+                    r["state"],
+                    int(r["liveness_key"]),
+                    r["ring_digest"],
+                    float(r["heartbeat_age"]),
+                    bool(r["session_held"]),
+                )
                 for r in orjson.loads(row.nodes)
             ]
             return Beat(bool(row.alive), rows)
@@ -121,7 +129,10 @@ class NodeRepository:
                     self.db.age_seconds(t.c.heartbeat).label("age"),
                 ).order_by(t.c.join_date, t.c.uuid)
             )
-            return [NodeRow(r.uuid, r.host_name, r.http_address, r.state, r.liveness_key, r.ring_digest, float(r.age)) for r in rows]
+            return [
+                NodeRow(r.uuid, r.host_name, r.http_address, r.state, r.liveness_key, r.ring_digest, float(r.age))
+                for r in rows
+            ]
 
     async def evict_if_stale(self, uuid: str, timeout: float) -> bool:
         """Delete ``uuid`` if its heartbeat is older than ``timeout`` (database time); True if this

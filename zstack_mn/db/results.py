@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import orjson
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError

@@ -82,10 +82,19 @@ class VmRow:
         if "cpu_num" in data:
             return cls.of(data)
         return cls(
-            uuid=data["uuid"], name=data["name"], state=data["state"], host_uuid=data.get("hostUuid"),
-            last_host_uuid=data.get("lastHostUuid"), target_host_uuid=None, cpu_num=data["cpuNum"],
-            memory_size=data["memorySize"], version=0, op_id=None, op_node=None,
-            created_at=data.get("createDate"), updated_at=data.get("lastOpDate"),
+            uuid=data["uuid"],
+            name=data["name"],
+            state=data["state"],
+            host_uuid=data.get("hostUuid"),
+            last_host_uuid=data.get("lastHostUuid"),
+            target_host_uuid=None,
+            cpu_num=data["cpuNum"],
+            memory_size=data["memorySize"],
+            version=0,
+            op_id=None,
+            op_node=None,
+            created_at=data.get("createDate"),
+            updated_at=data.get("lastOpDate"),
         )
 
     def snapshot(self) -> str:
@@ -121,8 +130,16 @@ class Finish:
 
 class VmTransitions(Protocol):
     async def begin(
-        self, uuid: str, *, op_id: str, op_node: str, allowed: frozenset[str], transient: str, final: str,
-        place: str | None, only: str | None,
+        self,
+        uuid: str,
+        *,
+        op_id: str,
+        op_node: str,
+        allowed: frozenset[str],
+        transient: str,
+        final: str,
+        place: str | None,
+        only: str | None,
     ) -> Transition:
         """Move the VM to ``transient`` for operation ``op_id`` unless it is already in it (RESUME)
         or done (FINAL, DONE); ``place`` reserves capacity on a host for the VM (``host``, when it
@@ -133,7 +150,15 @@ class VmTransitions(Protocol):
         in the same transaction; CONFLICT (with any recorded result) writes nothing."""
 
     async def create(
-        self, uuid: str, *, name: str, cpu_num: int, memory_size: int, only: str | None, state: str, op_id: str,
+        self,
+        uuid: str,
+        *,
+        name: str,
+        cpu_num: int,
+        memory_size: int,
+        only: str | None,
+        state: str,
+        op_id: str,
         op_node: str,
     ) -> Transition:
         """Insert the VM in ``state`` with capacity reserved; EXISTS when the uuid is taken (with
@@ -173,13 +198,28 @@ class PostgresVmTransitions:
         self.db = db
 
     async def begin(
-        self, uuid: str, *, op_id: str, op_node: str, allowed: frozenset[str], transient: str, final: str,
-        place: str | None, only: str | None,
+        self,
+        uuid: str,
+        *,
+        op_id: str,
+        op_node: str,
+        allowed: frozenset[str],
+        transient: str,
+        final: str,
+        place: str | None,
+        only: str | None,
     ) -> Transition:
         row = await self.db.fetch_one(
             self._BEGIN,
-            uuid=uuid, op_id=op_id, op_node=op_node, op_key=OPERATION_PREFIX + op_id, allowed=sorted(allowed),
-            transient=transient, final=final, place=place, only=only,
+            uuid=uuid,
+            op_id=op_id,
+            op_node=op_node,
+            op_key=OPERATION_PREFIX + op_id,
+            allowed=sorted(allowed),
+            transient=transient,
+            final=final,
+            place=place,
+            only=only,
         )
         return Transition(Outcome(row.outcome), _row(row.vm), row.agent_url, _record(row.recorded), row.previous)
 
@@ -187,18 +227,40 @@ class PostgresVmTransitions:
         assert vm.op_id is not None
         row = await self.db.fetch_one(
             self._FINISH,
-            uuid=vm.uuid, version=vm.version, state=to.state, host_uuid=to.host_uuid,
-            last_host_uuid=to.last_host_uuid, target_host_uuid=to.target_host_uuid, release=to.release,
+            uuid=vm.uuid,
+            version=vm.version,
+            state=to.state,
+            host_uuid=to.host_uuid,
+            last_host_uuid=to.last_host_uuid,
+            target_host_uuid=to.target_host_uuid,
+            release=to.release,
             op_key=OPERATION_PREFIX + vm.op_id,
         )
         return Transition(Outcome(row.outcome), _row(row.vm), None, _record(row.recorded))
 
     async def create(
-        self, uuid: str, *, name: str, cpu_num: int, memory_size: int, only: str | None, state: str, op_id: str,
+        self,
+        uuid: str,
+        *,
+        name: str,
+        cpu_num: int,
+        memory_size: int,
+        only: str | None,
+        state: str,
+        op_id: str,
         op_node: str,
     ) -> Transition:
-        params = {"uuid": uuid, "name": name, "cpu": cpu_num, "memory": memory_size, "only": only, "state": state,
-                  "op_id": op_id, "op_node": op_node, "op_key": OPERATION_PREFIX + op_id}
+        params = {
+            "uuid": uuid,
+            "name": name,
+            "cpu": cpu_num,
+            "memory": memory_size,
+            "only": only,
+            "state": state,
+            "op_id": op_id,
+            "op_node": op_node,
+            "op_key": OPERATION_PREFIX + op_id,
+        }
         try:
             row = await self.db.fetch_one(self._CREATE, **params)
         except IntegrityError:
@@ -216,8 +278,16 @@ class SqlVmTransitions:
         self.db = db
 
     async def begin(
-        self, uuid: str, *, op_id: str, op_node: str, allowed: frozenset[str], transient: str, final: str,
-        place: str | None, only: str | None,
+        self,
+        uuid: str,
+        *,
+        op_id: str,
+        op_node: str,
+        allowed: frozenset[str],
+        transient: str,
+        final: str,
+        place: str | None,
+        only: str | None,
     ) -> Transition:
         async with self.db.begin() as conn:
             found = await VmRepository.get_in(conn, uuid)
@@ -254,8 +324,12 @@ class SqlVmTransitions:
         assert vm.op_id is not None
         key = OPERATION_PREFIX + vm.op_id
         async with self.db.begin() as conn:
-            values = {"state": to.state, "host_uuid": to.host_uuid, "last_host_uuid": to.last_host_uuid,
-                      "target_host_uuid": to.target_host_uuid}
+            values = {
+                "state": to.state,
+                "host_uuid": to.host_uuid,
+                "last_host_uuid": to.last_host_uuid,
+                "target_host_uuid": to.target_host_uuid,
+            }
             fresh = await _cas(conn, vm, values)
             if fresh is None:
                 return Transition(Outcome.CONFLICT, None, None, await _recorded(conn, key))
@@ -265,7 +339,15 @@ class SqlVmTransitions:
             return Transition(Outcome.OK, fresh)
 
     async def create(
-        self, uuid: str, *, name: str, cpu_num: int, memory_size: int, only: str | None, state: str, op_id: str,
+        self,
+        uuid: str,
+        *,
+        name: str,
+        cpu_num: int,
+        memory_size: int,
+        only: str | None,
+        state: str,
+        op_id: str,
         op_node: str,
     ) -> Transition:
         try:
@@ -278,10 +360,19 @@ class SqlVmTransitions:
                 if placed is None:
                     return Transition(Outcome.NO_CAPACITY)
                 inserted = await conn.execute(
-                    insert(VM).values(
-                        uuid=uuid, name=name, state=state, host_uuid=placed, cpu_num=cpu_num, memory_size=memory_size,
-                        version=1, op_id=op_id, op_node=op_node,
-                    ).returning(*VM.c)
+                    insert(VM)
+                    .values(
+                        uuid=uuid,
+                        name=name,
+                        state=state,
+                        host_uuid=placed,
+                        cpu_num=cpu_num,
+                        memory_size=memory_size,
+                        version=1,
+                        op_id=op_id,
+                        op_node=op_node,
+                    )
+                    .returning(*VM.c)
                 )
                 vm = VmRow.of(inserted.one()._mapping)
                 return Transition(Outcome.OK, vm, await _agent_url(conn, placed))
@@ -306,7 +397,12 @@ async def _recorded(conn: AsyncConnection, key: str) -> VmRow | None:
 
 
 async def _reserve_host(
-    conn: AsyncConnection, cpu: int, memory: int, preferred: str | None, only: str | None, exclude: str | None,
+    conn: AsyncConnection,
+    cpu: int,
+    memory: int,
+    preferred: str | None,
+    only: str | None,
+    exclude: str | None,
     pivot: str,
 ) -> str | None:
     """Take capacity on ``only``, else on ``preferred``, else on the first fitting host at or after

@@ -74,5 +74,7 @@ class VmRepository:
         cond = and_(*[getattr(VM.c, k) == v for k, v in filters.items()]) if filters else True
         async with self.db.begin() as conn:
             total = (await conn.execute(select(func.count()).select_from(VM).where(cond))).scalar_one()
-            rows = await conn.execute(select(VM).where(cond).order_by(VM.c.created_at, VM.c.uuid).limit(limit).offset(start))
+            rows = await conn.execute(
+                select(VM).where(cond).order_by(VM.c.created_at, VM.c.uuid).limit(limit).offset(start)
+            )
             return int(total), [vm_inventory(r) for r in rows]

@@ -66,8 +66,9 @@ class Message(WireModel):
         """The API twin of this message (``API<Name>``): same fields, sent to the portal, which
         validates it and routes ``TARGET`` on by the ring. Nothing is written twice."""
         api_name = name or f"API{cls.__name__}"
-        twin = type(api_name, (cls,), {"SERVICE": "api", "RESOURCE_FIELD": None, "TARGET": cls, "__module__": cls.__module__})
-        return twin  # type: ignore[return-value]
+        return type(  # type: ignore[return-value]  # type() is typed as returning a plain type
+            api_name, (cls,), {"SERVICE": "api", "RESOURCE_FIELD": None, "TARGET": cls, "__module__": cls.__module__}
+        )
 
     def resource_uuid(self) -> str | None:
         return getattr(self, self.RESOURCE_FIELD) if self.RESOURCE_FIELD else None

@@ -125,9 +125,7 @@ def validation_error(exc: ValidationError, what: str) -> ZStackError:
     ]
     first = problems[0] if problems else {"field": "", "message": "invalid"}
     name = first["field"] or what
-    return ZStackError(
-        ErrorCode.INVALID_ARGUMENT, f"{name}: {first['message']}", field=first["field"], errors=problems
-    )
+    return ZStackError(ErrorCode.INVALID_ARGUMENT, f"{name}: {first['message']}", field=first["field"], errors=problems)
 
 
 def validate_body(cls: type[Message] | type[Event], body: dict[str, Any]) -> Message | Event:

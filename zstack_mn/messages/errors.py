@@ -83,5 +83,4 @@ class ZStackError(Exception):
 
     @classmethod
     def from_info(cls, info: ErrorInfo) -> ZStackError:
-        err = cls(ErrorCode.parse(info.code), info.description, **info.details)
-        return err
+        return cls(ErrorCode.parse(info.code), info.description, **info.details)

@@ -41,4 +41,3 @@ class ManagementNodeInventory(WireModel):
     heartbeat_age: float
     ring_share: float
     ring_digest: str
-

@@ -81,7 +81,9 @@ class ApiPortal(Service):
     async def dispatch(self, req: Request) -> dict[str, Any]:
         key = req.envelope.headers.get(IDEMPOTENCY_HEADER)
         request_id = request_id_for_key(key) if key else req.envelope.id
-        body, handled_by = await self.handle(req.message, request_id=request_id, keyed=bool(key), timeout=req.time_left())
+        body, handled_by = await self.handle(
+            req.message, request_id=request_id, keyed=bool(key), timeout=req.time_left()
+        )
         req.handled_by = handled_by
         return body
 

@@ -128,7 +128,9 @@ class Service:
             log.warning("resource work paused: node is fenced")
         while self.ctx.is_fenced():
             if self.ctx.is_evicted():
-                raise ZStackError(ErrorCode.NODE_FENCED, "this node was evicted from the cluster; retry on another node")
+                raise ZStackError(
+                    ErrorCode.NODE_FENCED, "this node was evicted from the cluster; retry on another node"
+                )
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
                     await self.ctx.heartbeat_written()

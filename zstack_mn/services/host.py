@@ -152,7 +152,9 @@ class HostService(Service):
             previous = await self.hosts.set_status(uuid, CONNECTED)
             if previous not in (None, CONNECTED):
                 await self._sync_vms(uuid, agent_url)
-                await self.bus.publish(HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=CONNECTED))
+                await self.bus.publish(
+                    HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=CONNECTED)
+                )
                 log.info("host reconnected", host=uuid)
             return
         failures = self._failures[uuid] = self._failures.get(uuid, 0) + 1
@@ -170,7 +172,9 @@ class HostService(Service):
                 lost = [r.uuid for r in unknown]
             await self.bus.publish(HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=DISCONNECTED))
             for vm in lost:
-                await self.bus.publish(VmStateChangedEvent(vm_uuid=vm, old_state="Running", new_state="Unknown", host_uuid=uuid))
+                await self.bus.publish(
+                    VmStateChangedEvent(vm_uuid=vm, old_state="Running", new_state="Unknown", host_uuid=uuid)
+                )
             log.warning("host disconnected", host=uuid)
 
     async def _sync_vms(self, host_uuid: str, agent_url: str) -> None:
@@ -182,9 +186,7 @@ class HostService(Service):
             return
         settled: list[tuple[str, str]] = []
         async with self.db.begin() as conn:
-            for row in await conn.execute(
-                VM.select().where(VM.c.host_uuid == host_uuid, VM.c.state == "Unknown")
-            ):
+            for row in await conn.execute(VM.select().where(VM.c.host_uuid == host_uuid, VM.c.state == "Unknown")):
                 state = "Running" if real.get(row.uuid) == "Running" else "Stopped"
                 values: dict[str, Any] = {"state": state, "version": row.version + 1}
                 if state == "Stopped":
@@ -198,7 +200,9 @@ class HostService(Service):
                     await self.hosts.release(conn, host_uuid, row.cpu_num, row.memory_size)
                 settled.append((row.uuid, state))
         for vm, state in settled:
-            await self.bus.publish(VmStateChangedEvent(vm_uuid=vm, old_state="Unknown", new_state=state, host_uuid=host_uuid))
+            await self.bus.publish(
+                VmStateChangedEvent(vm_uuid=vm, old_state="Unknown", new_state=state, host_uuid=host_uuid)
+            )
 
     async def _track(self) -> None:
         interval = self.ctx.settings.host_ping_interval

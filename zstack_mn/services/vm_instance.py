@@ -88,8 +88,14 @@ class VmInstanceService(Service):
         await self.wait_unfenced(req)
         for _ in range(CREATE_ATTEMPTS):
             t = await self.transitions.create(
-                uuid, name=msg.name, cpu_num=msg.cpu_num, memory_size=msg.memory_size, only=msg.host_uuid,
-                state=s.STARTING, op_id=req.envelope.id, op_node=self.ctx.node_uuid,
+                uuid,
+                name=msg.name,
+                cpu_num=msg.cpu_num,
+                memory_size=msg.memory_size,
+                only=msg.host_uuid,
+                state=s.STARTING,
+                op_id=req.envelope.id,
+                op_node=self.ctx.node_uuid,
             )
             if t.outcome is not Outcome.NO_CAPACITY or msg.host_uuid:
                 break
@@ -102,9 +108,7 @@ class VmInstanceService(Service):
             raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid)
         if t.outcome is Outcome.NO_CAPACITY:
             where = f"host {msg.host_uuid}" if msg.host_uuid else "no connected, enabled host"
-            raise ZStackError(
-                ErrorCode.NO_CAPACITY, f"{where} has {msg.cpu_num} CPUs and {msg.memory_size} bytes free"
-            )
+            raise ZStackError(ErrorCode.NO_CAPACITY, f"{where} has {msg.cpu_num} CPUs and {msg.memory_size} bytes free")
         assert t.vm is not None
         await self._event(uuid, None, s.STARTING, t.vm.host_uuid)
         await self.wait_unfenced(req)
@@ -138,8 +142,14 @@ class VmInstanceService(Service):
         await self.wait_unfenced(req)
         place = PLACE_TARGET if name == "migrate" else PLACE_HOST if name == "start" else None
         t = await self.transitions.begin(
-            uuid, op_id=req.envelope.id, op_node=self.ctx.node_uuid, allowed=op.allowed_from,
-            transient=op.transient, final=op.final, place=place, only=target,
+            uuid,
+            op_id=req.envelope.id,
+            op_node=self.ctx.node_uuid,
+            allowed=op.allowed_from,
+            transient=op.transient,
+            final=op.final,
+            place=place,
+            only=target,
         )
         vm = t.vm
         if t.outcome is Outcome.MISSING or vm is None:
@@ -157,12 +167,15 @@ class VmInstanceService(Service):
                 state=vm.state,
             )
         if t.outcome is Outcome.SAME_HOST:
-            raise ZStackError(ErrorCode.INVALID_ARGUMENT, "hostUuid: the VM already runs on that host", field="hostUuid")
+            raise ZStackError(
+                ErrorCode.INVALID_ARGUMENT, "hostUuid: the VM already runs on that host", field="hostUuid"
+            )
         if t.outcome is Outcome.NO_CAPACITY:
             if name == "migrate":
                 raise ZStackError(ErrorCode.NO_CAPACITY, "no other host can take this VM")
             raise ZStackError(
-                ErrorCode.NO_CAPACITY, f"no connected, enabled host has {vm.cpu_num} CPUs and {vm.memory_size} bytes free"
+                ErrorCode.NO_CAPACITY,
+                f"no connected, enabled host has {vm.cpu_num} CPUs and {vm.memory_size} bytes free",
             )
         if t.outcome is Outcome.RESUME:
             if vm.op_node != self.ctx.node_uuid:
@@ -184,8 +197,13 @@ class VmInstanceService(Service):
                 agent_url,
                 vm.uuid,
                 op.agent_op,
-                VmOp(op_id=vm.op_id, fence=vm.version, cpu_num=vm.cpu_num, memory_size=vm.memory_size,
-                     target_host_id=vm.target_host_uuid),
+                VmOp(
+                    op_id=vm.op_id,
+                    fence=vm.version,
+                    cpu_num=vm.cpu_num,
+                    memory_size=vm.memory_size,
+                    target_host_id=vm.target_host_uuid,
+                ),
             )
         except ZStackError:
             await self._settle_from_agent(vm, fallback_failed_start=op.agent_op == "start")
@@ -218,8 +236,12 @@ class VmInstanceService(Service):
                     uuid=vm.uuid,
                 )
             if not waited:
-                log.info("waiting out the previous owner's agent call", vm=vm.uuid, seconds=round(left, 2),
-                         previous=vm.op_node)
+                log.info(
+                    "waiting out the previous owner's agent call",
+                    vm=vm.uuid,
+                    seconds=round(left, 2),
+                    previous=vm.op_node,
+                )
                 waited = True
             await asyncio.sleep(min(TAKEOVER_POLL_S, left))
 

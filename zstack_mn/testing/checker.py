@@ -131,9 +131,7 @@ def check(
     return v
 
 
-def _check_last_acknowledged(
-    ops: list[Op], vms: list[Any], result_ids: set[str], agent: AgentView, v: Verdict
-) -> None:
+def _check_last_acknowledged(ops: list[Op], vms: list[Any], result_ids: set[str], agent: AgentView, v: Verdict) -> None:
     """A VM's final state must be what its last request that took effect said, when that
     request was acknowledged (a request that failed without effect does not count)."""
     by_uuid = {r.uuid: r for r in vms}
@@ -177,15 +175,16 @@ def _check_capacity(vms: list[Any], hosts: list[Any], v: Verdict) -> None:
             )
 
 
-def _check_agent_agrees(
-    vms: list[Any], hosts: list[Any], result_ids: set[str], agent: AgentView, v: Verdict
-) -> None:
+def _check_agent_agrees(vms: list[Any], hosts: list[Any], result_ids: set[str], agent: AgentView, v: Verdict) -> None:
     host_of_agent = {h.agent_url.rstrip("/").rsplit("/", 1)[-1]: h.uuid for h in hosts}
     for r in vms:
         if r.state in TRANSIENT:
             recorded = OPERATION_PREFIX + str(r.op_id) in result_ids
-            v.flag("stranded", f"vm {r.uuid} left {r.state} (op {r.op_id} by {r.op_node}, version {r.version}, "
-                               f"op recorded {recorded}, agent effects {agent.effects.get(str(r.op_id), 0)})")
+            v.flag(
+                "stranded",
+                f"vm {r.uuid} left {r.state} (op {r.op_id} by {r.op_node}, version {r.version}, "
+                f"op recorded {recorded}, agent effects {agent.effects.get(str(r.op_id), 0)})",
+            )
             continue
         real = agent.vms.get(r.uuid)
         real_state = real["state"] if real else "Absent"

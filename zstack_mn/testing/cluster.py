@@ -114,7 +114,9 @@ class ClusterHarness:
         await self._wait_http(self.agent, "/admin/stats")
         return self.agent.url
 
-    async def start_node(self, extra_env: dict[str, str] | None = None, wait: bool = True, port: int | None = None) -> Proc:
+    async def start_node(
+        self, extra_env: dict[str, str] | None = None, wait: bool = True, port: int | None = None
+    ) -> Proc:
         """Start a node (on ``port``, e.g. to restart one at the address clients know)."""
         port = port or free_port()
         proc = self._spawn(f"node{len(self.nodes) + 1}", ["start"], port, extra_env)
@@ -188,7 +190,7 @@ class ClusterHarness:
                 p.signal(signal.SIGTERM)
         deadline = time.monotonic() + 20
         for p in procs:
-            while p.alive and time.monotonic() < deadline:
+            while p.alive and time.monotonic() < deadline:  # noqa: ASYNC110 - a Popen child's exit has no awaitable
                 await asyncio.sleep(0.05)
             if p.alive:
                 os.killpg(p.popen.pid, signal.SIGKILL)

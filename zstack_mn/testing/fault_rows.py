@@ -117,12 +117,16 @@ class RunSetup:
 
 # ---------------------------------------------------------------- the faults
 
+
 async def _sigkill(run: Run) -> None:
     victim = run.victim = run.rng.choice(run.nodes)
     run.victim_uuid = victim.uuid
     victim.signal(signal.SIGKILL)
-    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
-                       "survivors' rings drop the killed node")
+    await run.wait_for(
+        lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at),
+        DETECTION_BOUND_S,
+        "survivors' rings drop the killed node",
+    )
 
 
 async def _sigstop_short(run: Run) -> None:
@@ -168,8 +172,11 @@ async def _sigterm(run: Run) -> None:
     victim.signal(signal.SIGTERM)
     code = await asyncio.to_thread(victim.popen.wait, 60)
     run.expect(code == 0, f"SIGTERM exit status {code}")
-    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
-                       "peers see the stopped node leave")
+    await run.wait_for(
+        lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at),
+        DETECTION_BOUND_S,
+        "peers see the stopped node leave",
+    )
 
 
 async def _rolling_restart(run: Run) -> None:
@@ -179,15 +186,19 @@ async def _rolling_restart(run: Run) -> None:
         run.expect(code == 0, f"{old.name}: SIGTERM exit status {code}")
         new = await run.harness.start_node(port=old.port)
         run.nodes[run.nodes.index(old)] = new
-        await run.wait_for(lambda new=new: run.observer.timeline.first_with(new.uuid, time.monotonic() - 1), 15,
-                           f"{new.name} in every ring")
+        await run.wait_for(
+            lambda new=new: run.observer.timeline.first_with(new.uuid, time.monotonic() - 1),
+            15,
+            f"{new.name} in every ring",
+        )
 
 
 async def _join(run: Run) -> None:
     newcomer = await run.harness.start_node()
     run.victim_uuid = newcomer.uuid
-    took = await run.wait_for(lambda: run.observer.timeline.first_with(newcomer.uuid, run.injected_at), 15,
-                              "every ring has the newcomer")
+    took = await run.wait_for(
+        lambda: run.observer.timeline.first_with(newcomer.uuid, run.injected_at), 15, "every ring has the newcomer"
+    )
     before = HashRing({n.uuid for n in run.nodes})
     after = HashRing({n.uuid for n in run.nodes} | {newcomer.uuid})
     moved = [v for v in run.vms if before.owner_of(v) != after.owner_of(v)]
@@ -197,8 +208,10 @@ async def _join(run: Run) -> None:
     fair = 1 / len(after.nodes)
     run.expect(share <= 1.2 * fair, f"{share:.1%} of {RING_SAMPLE} uuids moved to the newcomer (fair {fair:.1%})")
     run.measures["moved_share"] = round(share, 3)
-    run.expect(took is None or took <= LEAVE_NOTICED_BOUND_S,
-               f"the newcomer reached every ring after {took}s (bound {LEAVE_NOTICED_BOUND_S:g}s)")
+    run.expect(
+        took is None or took <= LEAVE_NOTICED_BOUND_S,
+        f"the newcomer reached every ring after {took}s (bound {LEAVE_NOTICED_BOUND_S:g}s)",
+    )
     run.measures.update(moved=len(moved), of=len(run.vms), ring_s=took and round(took, 2))
     run.nodes.append(newcomer)
 
@@ -222,11 +235,15 @@ def _nobody_hurt(run: Run, what: str) -> None:
 
 
 async def _rabbitmq_restart(run: Run) -> None:
-    await _outage(run, "rabbitmq", lambda: servers.rabbitmqctl("stop_app"), lambda: servers.rabbitmqctl("start_app"), 5.0)
+    await _outage(
+        run, "rabbitmq", lambda: servers.rabbitmqctl("stop_app"), lambda: servers.rabbitmqctl("start_app"), 5.0
+    )
     took = await run.wait_for(lambda: _consumers_back(run), 30, "every node's consumers are back")
     run.measures["consumers_back_s"] = took and round(took, 2)
-    run.expect(took is None or took <= CONSUMERS_BACK_BOUND_S,
-               f"consumers back {took}s after start_app (bound {CONSUMERS_BACK_BOUND_S:g}s)")
+    run.expect(
+        took is None or took <= CONSUMERS_BACK_BOUND_S,
+        f"consumers back {took}s after start_app (bound {CONSUMERS_BACK_BOUND_S:g}s)",
+    )
     _nobody_hurt(run, "broker")
 
 
@@ -250,8 +267,9 @@ async def _consumers_back(run: Run) -> bool:
 
 
 async def _postgres_restart(run: Run) -> None:
-    await _outage(run, "postgresql", lambda: servers.pg_ctl("stop", "-m", "immediate"), lambda: servers.pg_ctl("start"),
-                  8.0)
+    await _outage(
+        run, "postgresql", lambda: servers.pg_ctl("stop", "-m", "immediate"), lambda: servers.pg_ctl("start"), 8.0
+    )
     await run.wait_for(lambda: _all_ready(run), 30, "every node ready again")
     _nobody_hurt(run, "database")
 
@@ -328,8 +346,11 @@ async def _clock_skew(run: Run) -> None:
     run.victim_uuid = victim.uuid
     run.injected_at = time.monotonic()
     victim.signal(signal.SIGKILL)
-    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
-                       "a killed node is evicted while another node's clock is skewed")
+    await run.wait_for(
+        lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at),
+        DETECTION_BOUND_S,
+        "a killed node is evicted while another node's clock is skewed",
+    )
 
 
 async def _duplicate_delivery(run: Run) -> None:
@@ -339,23 +360,37 @@ async def _duplicate_delivery(run: Run) -> None:
     try:
         for _ in range(4):
             key = str(uuidlib.uuid4())
-            ops = await asyncio.gather(*(
-                run.history.record(-2, "create", "", lambda k, c=c: c.create_vm("dup", cpu_num=1, memory_size="64M", key=k),
-                                   key=key)
-                for c in clients
-            ))
+            ops = await asyncio.gather(
+                *(
+                    run.history.record(
+                        -2,
+                        "create",
+                        "",
+                        lambda k, c=c: c.create_vm("dup", cpu_num=1, memory_size="64M", key=k),
+                        key=key,
+                    )
+                    for c in clients
+                )
+            )
             vms = {op.vm for op in ops if op.outcome == OK}
-            run.expect(len(vms) == 1 and all(op.outcome == OK for op in ops),
-                       f"one create sent to {len(ops)} nodes gave {[(op.outcome, op.vm) for op in ops]}")
+            run.expect(
+                len(vms) == 1 and all(op.outcome == OK for op in ops),
+                f"one create sent to {len(ops)} nodes gave {[(op.outcome, op.vm) for op in ops]}",
+            )
             if len(vms) != 1:
                 continue
             vm = vms.pop()
             key = str(uuidlib.uuid4())
-            ops = await asyncio.gather(*(
-                run.history.record(-2, "stop", vm, lambda k, c=c: c.stop_vm(vm, key=k), key=key) for c in clients
-            ))
-            run.expect(all(op.outcome == OK and op.state == "Stopped" for op in ops),
-                       f"one stop sent to {len(ops)} nodes gave {[(op.outcome, op.code) for op in ops]}")
+            ops = await asyncio.gather(
+                *(
+                    run.history.record(-2, "stop", vm, lambda k, c=c, vm=vm: c.stop_vm(vm, key=k), key=key)
+                    for c in clients
+                )
+            )
+            run.expect(
+                all(op.outcome == OK and op.state == "Stopped" for op in ops),
+                f"one stop sent to {len(ops)} nodes gave {[(op.outcome, op.code) for op in ops]}",
+            )
     finally:
         for c in clients:
             await c.close()
@@ -373,8 +408,11 @@ async def _kill_between_effect_and_ack(run: Run) -> None:
         await asyncio.sleep(1.2)
     finally:
         await run.set_agent_faults([AgentFault(op=op, latency=AGENT_LATENCY_S) for op in LATENCY_OPS])
-    await run.wait_for(lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at), DETECTION_BOUND_S,
-                       "survivors' rings drop the killed node")
+    await run.wait_for(
+        lambda: run.observer.timeline.first_without(victim.uuid, run.injected_at),
+        DETECTION_BOUND_S,
+        "survivors' rings drop the killed node",
+    )
 
 
 async def _has_in_flight(run: Run, node: str) -> bool:
@@ -410,7 +448,9 @@ async def _poison(run: Run) -> None:
             got += 1
             run.expect(b"error" in msg.body.lower(), f"a poison message got a non-error reply: {msg.body[:100]!r}")
         run.measures["error_replies"] = f"{got}/{sent_with_reply}"
-        run.expect(got == sent_with_reply, f"{sent_with_reply - got} poison messages with a reply-to got no error reply")
+        run.expect(
+            got == sent_with_reply, f"{sent_with_reply - got} poison messages with a reply-to got no error reply"
+        )
         dead = await ch.declare_queue(topo.dead_letter_queue, passive=True)
         run.measures["dead_lettered"] = dead.declaration_result.message_count
     finally:
@@ -418,24 +458,50 @@ async def _poison(run: Run) -> None:
     run.expect(all(n.alive for n in run.nodes), "a node died of a poison message")
 
 
-ROWS: dict[str, Row] = {r.name: r for r in (
-    Row("sigkill", "SIGKILL one of three nodes", _sigkill, detect_bound=DEATH_NOTICED_BOUND_S),
-    Row("sigstop-short", "SIGSTOP shorter than node_timeout, then SIGCONT", _sigstop_short),
-    Row("sigstop-long", "SIGSTOP longer than node_timeout, then SIGCONT", _sigstop_long,
-        detect_bound=DEATH_NOTICED_BOUND_S),
-    Row("sigterm", "SIGTERM one node", _sigterm, detect_bound=LEAVE_NOTICED_BOUND_S),
-    Row("rolling-restart", "every node SIGTERM'd and started again in turn", _rolling_restart),
-    Row("join", "a fourth node joins under load", _join),
-    Row("rabbitmq-restart", "rabbitmqctl stop_app / start_app", _rabbitmq_restart, RETRYABLE_CODES),
-    Row("postgres-restart", "pg_ctlcluster stop -m immediate / start", _postgres_restart, RETRYABLE_CODES),
-    Row("broker-cut", "one node cut from RabbitMQ (black-holing proxy)", _cut("broker"), special_node=_proxied("broker"),
-        detect_bound=DEATH_NOTICED_BOUND_S),
-    Row("db-cut", "one node cut from PostgreSQL (black-holing proxy)", _cut("database"),
-        special_node=_proxied("database"), detect_bound=DEATH_NOTICED_BOUND_S),
-    Row("clock-skew", "one node's wall clock minutes off (libfaketime), then another node killed", _clock_skew,
-        special_node=_skewed_clock, detect_bound=DEATH_NOTICED_BOUND_S),
-    Row("duplicate-delivery", "one request (one message id) sent to every node at once", _duplicate_delivery),
-    Row("kill-after-effect", "SIGKILL a node between the agent's effect and the ack", _kill_between_effect_and_ack,
-        detect_bound=DEATH_NOTICED_BOUND_S),
-    Row("poison", "raw garbage on the API queue and a service queue", _poison),
-)}
+ROWS: dict[str, Row] = {
+    r.name: r
+    for r in (
+        Row("sigkill", "SIGKILL one of three nodes", _sigkill, detect_bound=DEATH_NOTICED_BOUND_S),
+        Row("sigstop-short", "SIGSTOP shorter than node_timeout, then SIGCONT", _sigstop_short),
+        Row(
+            "sigstop-long",
+            "SIGSTOP longer than node_timeout, then SIGCONT",
+            _sigstop_long,
+            detect_bound=DEATH_NOTICED_BOUND_S,
+        ),
+        Row("sigterm", "SIGTERM one node", _sigterm, detect_bound=LEAVE_NOTICED_BOUND_S),
+        Row("rolling-restart", "every node SIGTERM'd and started again in turn", _rolling_restart),
+        Row("join", "a fourth node joins under load", _join),
+        Row("rabbitmq-restart", "rabbitmqctl stop_app / start_app", _rabbitmq_restart, RETRYABLE_CODES),
+        Row("postgres-restart", "pg_ctlcluster stop -m immediate / start", _postgres_restart, RETRYABLE_CODES),
+        Row(
+            "broker-cut",
+            "one node cut from RabbitMQ (black-holing proxy)",
+            _cut("broker"),
+            special_node=_proxied("broker"),
+            detect_bound=DEATH_NOTICED_BOUND_S,
+        ),
+        Row(
+            "db-cut",
+            "one node cut from PostgreSQL (black-holing proxy)",
+            _cut("database"),
+            special_node=_proxied("database"),
+            detect_bound=DEATH_NOTICED_BOUND_S,
+        ),
+        Row(
+            "clock-skew",
+            "one node's wall clock minutes off (libfaketime), then another node killed",
+            _clock_skew,
+            special_node=_skewed_clock,
+            detect_bound=DEATH_NOTICED_BOUND_S,
+        ),
+        Row("duplicate-delivery", "one request (one message id) sent to every node at once", _duplicate_delivery),
+        Row(
+            "kill-after-effect",
+            "SIGKILL a node between the agent's effect and the ack",
+            _kill_between_effect_and_ack,
+            detect_bound=DEATH_NOTICED_BOUND_S,
+        ),
+        Row("poison", "raw garbage on the API queue and a service queue", _poison),
+    )
+}

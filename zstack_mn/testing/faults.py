@@ -96,8 +96,13 @@ async def run_row(
     rng = random.Random(seed)
     started = time.monotonic()
     harness = ClusterHarness(
-        workdir, amqp_url=amqp_url, database_url=database_url, queue_prefix=f"f{uuidlib.uuid4().hex[:8]}",
-        heartbeat=HEARTBEAT_S, node_timeout=NODE_TIMEOUT_S, env={"ZSTACK_MN_AGENT_TIMEOUT": str(AGENT_TIMEOUT_S)},
+        workdir,
+        amqp_url=amqp_url,
+        database_url=database_url,
+        queue_prefix=f"f{uuidlib.uuid4().hex[:8]}",
+        heartbeat=HEARTBEAT_S,
+        node_timeout=NODE_TIMEOUT_S,
+        env={"ZSTACK_MN_AGENT_TIMEOUT": str(AGENT_TIMEOUT_S)},
     )
     proxies: dict[str, CutProxy] = {}
     observer = Observer(database_url)
@@ -118,8 +123,9 @@ async def run_row(
         vm_states = await _setup_vms(harness, agent_url, history, vms)
         run = Run(harness, nodes, rng, observer, agent_url, history, list(vm_states), proxies, measures=measures)
         await run.set_agent_faults([AgentFault(op=op, latency=AGENT_LATENCY_S) for op in LATENCY_OPS])
-        workload = Workload(harness.urls(nodes), vm_states, history, workers=workers,
-                            attempt_timeout=ATTEMPT_TIMEOUT_S, seed=seed)
+        workload = Workload(
+            harness.urls(nodes), vm_states, history, workers=workers, attempt_timeout=ATTEMPT_TIMEOUT_S, seed=seed
+        )
         await asyncio.sleep(rng.uniform(1.0, 3.0))
         run.ring_at_injection = HashRing({n.uuid for n in nodes})
         run.injected_at = time.monotonic()
@@ -128,18 +134,28 @@ async def run_row(
         await workload.stop()
         workload = None
         await _quiesce(run)
-        verdict = check(history.ops, *await read_database(database_url), await _agent_view(agent_url),
-                        observer.timeline.gone_at)
+        verdict = check(
+            history.ops, *await read_database(database_url), await _agent_view(agent_url), observer.timeline.gone_at
+        )
         (workdir / "history.json").write_text(json.dumps(history.as_json()))
         _measure(run)
         detected = run.measures.get("detect_s")
         if row.detect_bound is not None and detected is not None:
-            run.expect(detected <= row.detect_bound,
-                       f"every ring dropped the victim after {detected}s (bound {row.detect_bound:g}s)")
+            run.expect(
+                detected <= row.detect_bound,
+                f"every ring dropped the victim after {detected}s (bound {row.detect_bound:g}s)",
+            )
         unexpected = {c: n for c, n in verdict.errors.items() if c not in row.allowed_errors}
         run.expect(not unexpected, f"errors a client should not see under this fault: {unexpected}")
-        return Report(row.name, seed, verdict.holds and not run.problems, verdict.as_json(), run.problems,
-                      run.measures, round(time.monotonic() - started, 1))
+        return Report(
+            row.name,
+            seed,
+            verdict.holds and not run.problems,
+            verdict.as_json(),
+            run.problems,
+            run.measures,
+            round(time.monotonic() - started, 1),
+        )
     finally:
         faulthandler.cancel_dump_traceback_later()
         stuck_threads.close()
@@ -175,10 +191,14 @@ async def _setup_vms(harness: ClusterHarness, agent_url: str, history: History, 
     try:
         for i in range(2):
             await client.add_host(f"h{i}", f"{agent_url}/hosts/h{i}")
-        ops = await asyncio.gather(*(
-            history.record(-1, "create", "", lambda k, i=i: client.create_vm(f"vm{i}", cpu_num=1, memory_size="64M", key=k))
-            for i in range(count)
-        ))
+        ops = await asyncio.gather(
+            *(
+                history.record(
+                    -1, "create", "", lambda k, i=i: client.create_vm(f"vm{i}", cpu_num=1, memory_size="64M", key=k)
+                )
+                for i in range(count)
+            )
+        )
     finally:
         await client.close()
     failed = [op for op in ops if op.outcome != OK]
@@ -219,8 +239,11 @@ def _measure(run: Run) -> None:
     if dropped is not None:
         run.measures["detect_s"] = round(dropped - run.injected_at, 2)
     owned = {v for v in run.vms if run.ring_at_injection.owner_of(v) == run.victim_uuid}
-    served = [op for op in run.history.ops
-              if op.vm in owned and op.outcome == OK and op.answered and op.sent >= run.injected_at]
+    served = [
+        op
+        for op in run.history.ops
+        if op.vm in owned and op.outcome == OK and op.answered and op.sent >= run.injected_at
+    ]
     if served:
         run.measures["served_again_s"] = round(min(op.answered for op in served) - run.injected_at, 2)
     by_others = [op.answered for op in served if op.handled_by not in (None, run.victim_uuid)]
@@ -229,6 +252,7 @@ def _measure(run: Run) -> None:
 
 
 # ---------------------------------------------------------------- command line
+
 
 async def run_isolated(row: Row, workdir: Path, seed: int | None) -> Report:
     """A run with its own vhost and database, both removed afterwards."""
@@ -247,8 +271,19 @@ async def run_isolated(row: Row, workdir: Path, seed: int | None) -> Report:
 def summarize(reports: list[Report]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for r in reports:
-        s = rows.setdefault(r.row, {"runs": 0, "held": 0, "lost": 0, "hung": 0, "duplicated": 0, "dual_ownership": 0,
-                                    "detect_s": [], "takeover_s": []})
+        s = rows.setdefault(
+            r.row,
+            {
+                "runs": 0,
+                "held": 0,
+                "lost": 0,
+                "hung": 0,
+                "duplicated": 0,
+                "dual_ownership": 0,
+                "detect_s": [],
+                "takeover_s": [],
+            },
+        )
         s["runs"] += 1
         s["held"] += r.holds
         for k in ("lost", "hung", "duplicated", "dual_ownership"):
@@ -270,8 +305,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, s in summary["rows"].items():
         d = s["detect_s"] and "/".join(f"{s['detect_s'][k]:.2f}" for k in ("min", "median", "max"))
         t = s["takeover_s"] and "/".join(f"{s['takeover_s'][k]:.2f}" for k in ("min", "median", "max"))
-        lines.append(f"{name:18} {s['held']:3}/{s['runs']:<3} {s['lost']:4} {s['hung']:4} {s['duplicated']:3} "
-                     f"{s['dual_ownership']:4}   {d or '-':22} {t or '-'}")
+        lines.append(
+            f"{name:18} {s['held']:3}/{s['runs']:<3} {s['lost']:4} {s['hung']:4} {s['duplicated']:3} "
+            f"{s['dual_ownership']:4}   {d or '-':22} {t or '-'}"
+        )
     return "\n".join(lines)
 
 
@@ -287,8 +324,10 @@ def markdown_summary(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["rows"].items():
-        lines.append(f"| {name} | {s['held']}/{s['runs']} | {s['lost']} | {s['hung']} | {s['duplicated']} | "
-                     f"{s['dual_ownership']} | {spread(s['detect_s'])} | {spread(s['takeover_s'])} |")
+        lines.append(
+            f"| {name} | {s['held']}/{s['runs']} | {s['lost']} | {s['hung']} | {s['duplicated']} | "
+            f"{s['dual_ownership']} | {spread(s['detect_s'])} | {spread(s['takeover_s'])} |"
+        )
     return "\n".join(lines)
 
 

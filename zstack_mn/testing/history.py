@@ -120,7 +120,7 @@ class Workload:
         for i, (vm, state) in enumerate(sorted(vms.items())):
             owned[i % workers][vm] = state
         self._clients = [
-            make_client(urls[i % len(urls):] + urls[: i % len(urls)], history.deadline, attempt_timeout)
+            make_client(urls[i % len(urls) :] + urls[: i % len(urls)], history.deadline, attempt_timeout)
             for i in range(workers)
         ]
         self._tasks = [
@@ -132,9 +132,13 @@ class Workload:
         record = self.history.record
         while not self._stop.is_set():
             if not vms or (len(vms) < self.max_vms and self._rng.random() < self.create_ratio):
-                op = await record(index, "create", "",
-                                  lambda k: client.create_vm(f"w{index}", cpu_num=1, memory_size="64M", key=k),
-                                  client=client)
+                op = await record(
+                    index,
+                    "create",
+                    "",
+                    lambda k: client.create_vm(f"w{index}", cpu_num=1, memory_size="64M", key=k),
+                    client=client,
+                )
                 if op.outcome == OK:
                     vms[op.vm] = op.state or "Running"
                 continue

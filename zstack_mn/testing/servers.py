@@ -98,5 +98,8 @@ def pg_ctl(action: str, *extra: str, timeout: float = 120) -> subprocess.Complet
     version, name = pg_cluster()
     return subprocess.run(
         ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, action, *extra],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )

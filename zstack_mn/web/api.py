@@ -50,12 +50,12 @@ HANDLED_BY = "X-Handled-By"
 
 def _params_of(api: type[Message]) -> type[BaseModel]:
     """The action's parameters: the API message's fields less the uuid (it is in the path)."""
-    fields = {
-        name: (f.annotation, f) for name, f in api.model_fields.items() if name != "uuid"
-    }
+    fields = {name: (f.annotation, f) for name, f in api.model_fields.items() if name != "uuid"}
     return create_model(  # type: ignore[call-overload,no-any-return]
         f"{api.TARGET.__name__ if api.TARGET else api.__name__}Params",
-        __config__=ConfigDict(alias_generator=api.model_config.get("alias_generator"), populate_by_name=True, extra="forbid"),
+        __config__=ConfigDict(
+            alias_generator=api.model_config.get("alias_generator"), populate_by_name=True, extra="forbid"
+        ),
         **fields,
     )
 
@@ -79,7 +79,9 @@ def _action_body(name: str, actions: dict[str, type[Message]]) -> type[BaseModel
 
 VmActionRequest = _action_body("VmActionRequest", VM_ACTIONS)
 HostActionRequest = _action_body("HostActionRequest", HOST_ACTIONS)
-CreateVmRequest = create_model("CreateVmRequest", __config__=ConfigDict(extra="forbid"), params=(APICreateVmInstanceMsg, ...))
+CreateVmRequest = create_model(
+    "CreateVmRequest", __config__=ConfigDict(extra="forbid"), params=(APICreateVmInstanceMsg, ...)
+)
 AddHostRequest = create_model("AddHostRequest", __config__=ConfigDict(extra="forbid"), params=(APIAddHostMsg, ...))
 
 
@@ -99,8 +101,15 @@ def _uuid(value: str, field: str = "uuid") -> str:
         raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{field}: must be a uuid", field=field) from None
 
 
-def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awaitable[dict[str, bool]]], metrics_registry: Any,
-               api_token: str | None, call_timeout: float) -> FastAPI:
+def create_app(
+    portal: ApiPortal,
+    *,
+    node_uuid: str,
+    readiness: Callable[[], Awaitable[dict[str, bool]]],
+    metrics_registry: Any,
+    api_token: str | None,
+    call_timeout: float,
+) -> FastAPI:
     """The FastAPI app of one node."""
     app = FastAPI(title="zstack-mn", version="0.1.0", description="Management-node API (ZStack style REST).")
 
@@ -116,8 +125,12 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
             problems.append({"field": ".".join(loc), "message": e.get("msg", "invalid")})
         first = problems[0] if problems else {"field": "", "message": "invalid request"}
         return error_response(
-            ZStackError(ErrorCode.INVALID_ARGUMENT, f"{first['field'] or 'body'}: {first['message']}",
-                        field=first["field"], errors=problems)
+            ZStackError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"{first['field'] or 'body'}: {first['message']}",
+                field=first["field"],
+                errors=problems,
+            )
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -155,11 +168,14 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
         uuid: str | None = None,
         name: str | None = None,
         state: str | None = None,
-        hostUuid: str | None = None,  # noqa: N803
+        hostUuid: str | None = None,
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         start: int = Query(0, ge=0),
     ) -> Response:
-        msg = build(APIQueryVmInstanceMsg, {"uuid": uuid, "name": name, "state": state, "hostUuid": hostUuid, "limit": limit, "start": start})
+        msg = build(
+            APIQueryVmInstanceMsg,
+            {"uuid": uuid, "name": name, "state": state, "hostUuid": hostUuid, "limit": limit, "start": start},
+        )
         return await run(msg, None)
 
     async def get_one(query: type[Message], kind: str, uuid: str) -> Response:
@@ -193,7 +209,10 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         start: int = Query(0, ge=0),
     ) -> Response:
-        msg = build(APIQueryHostMsg, {"uuid": uuid, "name": name, "state": state, "status": status, "limit": limit, "start": start})
+        msg = build(
+            APIQueryHostMsg,
+            {"uuid": uuid, "name": name, "state": state, "status": status, "limit": limit, "start": start},
+        )
         return await run(msg, None)
 
     @app.get("/v1/hosts/{uuid}", tags=["host"])
@@ -209,9 +228,7 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
         return await run(build(APIDeleteHostMsg, {"uuid": _uuid(uuid)}), key)
 
     @app.get("/v1/management-nodes", tags=["cluster"])
-    async def management_nodes(
-        limit: int = Query(100, ge=1, le=MAX_PAGE), start: int = Query(0, ge=0)
-    ) -> Response:
+    async def management_nodes(limit: int = Query(100, ge=1, le=MAX_PAGE), start: int = Query(0, ge=0)) -> Response:
         return await run(build(APIQueryManagementNodeMsg, {"limit": limit, "start": start}), None)
 
     @app.get("/healthz", tags=["ops"])
@@ -221,7 +238,9 @@ def create_app(portal: ApiPortal, *, node_uuid: str, readiness: Callable[[], Awa
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
         checks = await readiness()
-        return JSONResponse({"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503)
+        return JSONResponse(
+            {"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503
+        )
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:

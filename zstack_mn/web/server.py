@@ -1,6 +1,6 @@
 """uvicorn inside an existing event loop, stopped by its owner rather than by signals.
 
-    server = EmbeddedServer(app, "127.0.0.1", 0); await server.start(); server.port; await server.stop()
+server = EmbeddedServer(app, "127.0.0.1", 0); await server.start(); server.port; await server.stop()
 """
 
 from __future__ import annotations
@@ -27,8 +27,17 @@ class EmbeddedServer:
     ) -> None:
         """``limit_concurrency``: requests over it at once are answered 503 at once, not queued."""
         config = uvicorn.Config(
-            app, host=host, port=port, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5,
-            limit_concurrency=limit_concurrency, backlog=4096, proxy_headers=False, server_header=False,
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            limit_concurrency=limit_concurrency,
+            backlog=4096,
+            proxy_headers=False,
+            server_header=False,
         )
         self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None

@@ -19,10 +19,7 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
-FITS = (
-    "h.state = 'Enabled' AND h.status = 'Connected' "
-    "AND h.cpu_available >= p_cpu AND h.memory_available >= p_memory"
-)
+FITS = "h.state = 'Enabled' AND h.status = 'Connected' AND h.cpu_available >= p_cpu AND h.memory_available >= p_memory"
 
 RESERVE_HOST = f"""
 CREATE OR REPLACE FUNCTION zstack_reserve_host(
