@@ -1,13 +1,13 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    the embedded single-node cluster (in-process bus, SQLite, simulated agent) on :8080
-#   make test   the whole suite; RabbitMQ/PostgreSQL tests run when the servers are reachable
-#               and are skipped loudly when not (CI makes them required)
+#   make test   the static checks (ruff, mypy), then the whole suite; RabbitMQ/PostgreSQL tests run
+#               when the servers are reachable and are skipped loudly when not (CI makes them required)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: run test test-fast bench fault-full clean
+.PHONY: run lint test test-fast bench fault-full clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/zstack-mn start
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
