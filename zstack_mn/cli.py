@@ -122,7 +122,7 @@ def agent(
     from zstack_mn.messages.types import parse_size
 
     try:
-        mem = int(parse_size(memory))  # type: ignore[arg-type]
+        mem = parse_size(memory)
     except ValueError as exc:
         _fail(f"--memory: {exc}", 2)
     configure_logging("info", "auto")

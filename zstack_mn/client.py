@@ -18,7 +18,6 @@ import aiohttp
 import orjson
 
 from zstack_mn.bus.amqp import AmqpTransport
-from zstack_mn.bus.cloudbus import _Pending
 from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Delivery, QueueKind
 from zstack_mn.messages import (
@@ -44,8 +43,8 @@ from zstack_mn.messages.api import (
     APIStartVmInstanceMsg,
     APIStopVmInstanceMsg,
 )
+from zstack_mn.messages.ids import IDEMPOTENCY_HEADER
 from zstack_mn.messages.rest import ACTION_PATHS
-from zstack_mn.services.api_portal import IDEMPOTENCY_HEADER
 
 RETRYABLE_HTTP = {500, 502, 503, 504}
 SUSPECT_FOR = 15.0
@@ -202,7 +201,7 @@ class AmqpApiTransport(ApiTransport):
         self.topology = Topology(queue_prefix)
         self.transport = AmqpTransport(url, self.topology, publish_timeout=10, connection_name="zstack-mn client")
         self.reply_queue = self.topology.reply_queue(f"client-{uuidlib.uuid4()}")
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, asyncio.Future[Envelope]] = {}
         self.last_handled_by: str | None = None
 
     async def start(self) -> None:
@@ -212,15 +211,15 @@ class AmqpApiTransport(ApiTransport):
         self.transport.on_disconnect = self._fail_all
 
     def _fail_all(self) -> None:
-        for p in self._pending.values():
-            if not p.future.done():
-                p.future.set_exception(ZStackError(ErrorCode.BUS_UNAVAILABLE, "broker connection lost; retry"))
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ZStackError(ErrorCode.BUS_UNAVAILABLE, "broker connection lost; retry"))
 
     async def _on_reply(self, delivery: Delivery) -> None:
         env = decode(delivery.body, 16 << 20)
-        pending = self._pending.pop(env.correlation_id or "", None)
-        if pending is not None and not pending.future.done():
-            pending.future.set_result(env)
+        future = self._pending.pop(env.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(env)
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
         headers = {IDEMPOTENCY_HEADER: key} if key else {}
@@ -228,7 +227,7 @@ class AmqpApiTransport(ApiTransport):
             msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=new_id(), headers=headers
         )
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
-        self._pending[env.id] = _Pending(fut)
+        self._pending[env.id] = fut
         try:
             await self.transport.publish(
                 self.topology.api_queue,
@@ -287,7 +286,8 @@ class Client:
         return await self.transport.send(msg, key=key, timeout=self.timeout)
 
     async def _inventory(self, msg: Message, key: str | None) -> dict[str, Any]:
-        return (await self.send(msg, key=key))["inventory"]
+        inventory: dict[str, Any] = (await self.send(msg, key=key))["inventory"]
+        return inventory
 
     async def add_host(self, name: str, agent_url: str, *, key: str | None = None) -> dict[str, Any]:
         return await self._inventory(APIAddHostMsg(name=name, agent_url=agent_url), key)

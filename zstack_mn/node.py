@@ -29,17 +29,18 @@ from zstack_mn.agent.simulator import create_app as create_agent_app
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.cloudbus import BusLimits, CloudBus
 from zstack_mn.bus.memory import MemoryTransport
-from zstack_mn.bus.topology import API_SERVICE, Topology
+from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Transport
 from zstack_mn.cluster.membership import Membership
 from zstack_mn.cluster.rescue import rescue_queues
-from zstack_mn.cluster.ring import LiveRing
+from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database
 from zstack_mn.db.hosts import HostRepository
 from zstack_mn.logging import bind_node
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.messages.host import AddHostMsg
+from zstack_mn.messages.names import API_SERVICE
 from zstack_mn.metrics import NodeMetrics
 from zstack_mn.services.api_portal import ApiPortal
 from zstack_mn.services.base import Service, ServiceContext, plugin_services
@@ -80,6 +81,11 @@ class Node:
         self.settings = settings
         self.extra_services = extra_services
         self.topology = Topology(settings.queue_prefix)
+        self._operator_stop = asyncio.Event()
+        self._clear()
+
+    def _clear(self) -> None:
+        """The state of one run, from start to shutdown; a rejoin begins from a clear one."""
         self.uuid = ""
         self.metrics = NodeMetrics()
         self.db: Database | None = None
@@ -94,7 +100,6 @@ class Node:
         self.agent_server: EmbeddedServer | None = None
         self.simulated_agent: SimulatedAgent | None = None
         self._stop = asyncio.Event()
-        self._operator_stop = asyncio.Event()
         self._evicted = False
         self._shutdown_started = False
         self._shutdown_done = asyncio.Event()
@@ -156,11 +161,16 @@ class Node:
         return True
 
     def _reset(self) -> None:
-        operator_stop = self._operator_stop
-        self.__init__(self.settings, extra_services=self.extra_services)  # type: ignore[misc]
-        self._operator_stop = operator_stop
-        if operator_stop.is_set():
+        self._clear()
+        if self._operator_stop.is_set():
             self._stop.set()
+
+    def _on_ring_changed(self, old: HashRing, new: HashRing) -> None:
+        """Calls waiting on a node that left go to the new owners; services recompute what they track."""
+        if self.bus is not None:
+            self.bus.reroute_pending(new.nodes)
+        for service in self.services:
+            service.on_ring_changed()
 
     def request_stop(self) -> None:
         """Stop serving (SIGTERM/SIGINT); also ends a rejoin that is waiting to try again."""
@@ -242,9 +252,7 @@ class Node:
             await self.bus.serve(service.name, service.dispatch)
         self.portal = ApiPortal(ctx)
         await self.bus.serve_api(self.portal.dispatch)
-        bus = self.bus
-        self.ring.add_listener(lambda old, new: bus.reroute_pending(new.nodes))
-        self.ring.add_listener(lambda old, new: [svc.on_ring_changed() for svc in self.services])
+        self.ring.add_listener(self._on_ring_changed)
         await self.membership.announce_running()
         self.membership.start()
         for service in [*self.services, self.portal]:
@@ -334,16 +342,21 @@ class Node:
             if not await self.bus.wait_idle(0 if self._evicted else s.drain_timeout):
                 log.warning("in-flight work did not finish within drain_timeout", drain_timeout=s.drain_timeout)
         for service in [*reversed(self.services), *([self.portal] if self.portal else [])]:
-            with contextlib.suppress(Exception):
+            try:
                 await service.stop()
+            except Exception:
+                log.exception("a service failed to stop; shutting down the rest", service=service.name)
         if self.membership is not None and self._started and not self._evicted:
             await self.membership.begin_leave()
         if self.ring is not None:
             self.ring.remove(self.uuid)
         if self.bus is not None and self.services:
             queues = self.bus.node_queues([svc.name for svc in self.services], self.uuid)
-            with contextlib.suppress(Exception):
+            try:
                 moved = await rescue_queues(self.bus, queues, bound=s.drain_timeout, ignore_consumers=True)
+            except Exception:
+                log.exception("could not re-route what is still queued for this node; its queues keep it")
+            else:
                 if moved:
                     log.info("re-routed messages still queued for this node", moved=moved)
         if self.membership is not None:

@@ -304,7 +304,7 @@ class AmqpTransport(Transport):
         channel = await self._scratch_channel()
         try:
             await asyncio.wait_for(
-                channel.queue_delete(queue, if_empty=True),  # type: ignore[attr-defined]
+                channel.queue_delete(queue, if_empty=True),
                 self.publish_timeout,
             )
             return True

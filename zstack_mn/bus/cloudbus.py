@@ -27,8 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from zstack_mn.bus.memory import topic_matches
-from zstack_mn.bus.topology import API_SERVICE, TOPIC_NODE_ALL, Topology
+from zstack_mn.bus.topology import Topology, topic_matches
 from zstack_mn.bus.transport import (
     Delivery,
     NoRouteError,
@@ -47,6 +46,7 @@ from zstack_mn.messages import (
     encode,
     new_id,
 )
+from zstack_mn.messages.names import API_SERVICE, TOPIC_NODE_ALL
 from zstack_mn.metrics import NodeMetrics
 
 log = structlog.get_logger(__name__)

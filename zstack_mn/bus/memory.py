@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import structlog
 
+from zstack_mn.bus.topology import topic_matches
 from zstack_mn.bus.transport import (
     Delivery,
     Handler,
@@ -28,20 +29,6 @@ from zstack_mn.bus.transport import (
 )
 
 log = structlog.get_logger(__name__)
-
-
-def topic_matches(pattern: str, key: str) -> bool:
-    """AMQP topic matching: ``*`` is exactly one word, ``#`` zero or more words."""
-    return _match(pattern.split("."), key.split("."))
-
-
-def _match(pattern: list[str], key: list[str]) -> bool:
-    if not pattern:
-        return not key
-    head, rest = pattern[0], pattern[1:]
-    if head == "#":
-        return any(_match(rest, key[i:]) for i in range(len(key) + 1))
-    return bool(key) and head in ("*", key[0]) and _match(rest, key[1:])
 
 
 @dataclass

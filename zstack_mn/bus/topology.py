@@ -17,14 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-API_SERVICE = "api"
-API_QUEUE_SUFFIX = "portal"
+from zstack_mn.messages.names import API_SERVICE
 
-TOPIC_NODE_JOINED = "node.joined"
-TOPIC_NODE_LEFT = "node.left"
-TOPIC_NODE_ALL = "node.#"
-TOPIC_VM_STATE_CHANGED = "vm.state.changed"
-TOPIC_HOST_STATUS_CHANGED = "host.status.changed"
+API_QUEUE_SUFFIX = "portal"
 
 NODE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 DEAD_LETTER_MAX_LENGTH = 100_000
@@ -60,3 +55,17 @@ class Topology:
     @property
     def dead_letter_queue(self) -> str:
         return f"{self.prefix}.dead-letter"
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: ``*`` is exactly one word, ``#`` zero or more words."""
+    return _match(pattern.split("."), key.split("."))
+
+
+def _match(pattern: list[str], key: list[str]) -> bool:
+    if not pattern:
+        return not key
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, key[i:]) for i in range(len(key) + 1))
+    return bool(key) and head in ("*", key[0]) and _match(rest, key[1:])

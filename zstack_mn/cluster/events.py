@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from zstack_mn.bus.topology import TOPIC_NODE_JOINED, TOPIC_NODE_LEFT
 from zstack_mn.messages import Event
+from zstack_mn.messages.names import TOPIC_NODE_JOINED, TOPIC_NODE_LEFT
 
 
 class NodeJoinedEvent(Event):

@@ -37,6 +37,7 @@ from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database, translated_errors
 from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, Beat, NodeRepository, NodeRow
 from zstack_mn.messages import Event, ZStackError
+from zstack_mn.periodic import Periodic
 
 log = structlog.get_logger(__name__)
 
@@ -87,10 +88,12 @@ class Membership:
         self.healthy_since: float | None = None
         self.state = JOINING
         self.evicted = False
-        self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._rescues: set[asyncio.Task[None]] = set()
         self._round_timeout = max(settings.heartbeat_interval, 1.0)
+        self._heartbeat = Periodic(
+            "heartbeat", self._tick, settings.heartbeat_interval, stop_timeout=2 * self._round_timeout + 1
+        )
         self._written = asyncio.Event()
         self._session_timeouts = 0
         bus.metrics.heartbeat_age.set_function(self.heartbeat_age)
@@ -126,24 +129,11 @@ class Membership:
         log.info("node is running", ring=len(self.ring.nodes))
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="heartbeat")
+        self._heartbeat.start()
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval = self.settings.heartbeat_interval
-        start, n = loop.time(), 0
-        while not self.evicted and not self._stopping:
-            try:
-                await self.round()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("heartbeat round failed")
-            n += 1
-            now = loop.time()
-            if start + n * interval < now:
-                n = int((now - start) / interval) + 1
-            await asyncio.sleep(start + n * interval - now)
+    async def _tick(self) -> None:
+        if not self.evicted and not self._stopping:
+            await self.round()
 
     async def round(self) -> None:
         """One heartbeat round: probe the broker, write, reconcile the ring, evict the dead."""
@@ -285,12 +275,7 @@ class Membership:
     async def stop(self, *, delete_row: bool) -> None:
         """Stop the heartbeat; delete our row if asked; release the liveness lock."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            # bounded, and the loop also checks _stopping: Python 3.11's wait_for can swallow a
-            # cancellation that races the query it waits for
-            await asyncio.wait({self._task}, timeout=2 * self._round_timeout + 1)
-            self._task = None
+        await self._heartbeat.stop()
         if self._rescues:
             await asyncio.wait(self._rescues, timeout=self.settings.drain_timeout)
         if delete_row and not self.evicted:

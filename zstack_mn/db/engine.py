@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from alembic import command
@@ -130,7 +130,7 @@ class Database:
         """Seconds between ``column`` and the database clock, computed by the database."""
         if self.is_sqlite:
             return (func.julianday(literal_column("CURRENT_TIMESTAMP")) - func.julianday(column)) * 86400.0
-        return func.extract("epoch", func.now() - column)
+        return cast(ColumnElement[float], func.extract("epoch", func.now() - column))
 
     def older_than(self, column: Any, seconds: float) -> ColumnElement[bool]:
         return self.age_seconds(column) > seconds

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, insert, select, update
+from sqlalchemy import and_, delete, exists, func, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
-from zstack_mn.db.models import Host, VmInstance
+from zstack_mn.db.models import HOST_TABLE, VM_TABLE
 from zstack_mn.messages.inventory import HostInventory
+from zstack_mn.messages.states import HostState, HostStatus, VmState
 
-ENABLED, DISABLED, MAINTENANCE = "Enabled", "Disabled", "Maintenance"
-CONNECTED, DISCONNECTED = "Connected", "Disconnected"
+ENABLED, DISABLED, MAINTENANCE = HostState.ENABLED, HostState.DISABLED, HostState.MAINTENANCE
+CONNECTED, DISCONNECTED = HostStatus.CONNECTED, HostStatus.DISCONNECTED
 STATE_EVENTS = {"enable": ENABLED, "disable": DISABLED, "maintain": MAINTENANCE}
 
-HOST = Host.__table__
-VM = VmInstance.__table__
+HOST = HOST_TABLE
+VM = VM_TABLE
 
 
 def host_inventory(row: Any) -> HostInventory:
@@ -72,7 +73,7 @@ class HostRepository:
             )
             return result.rowcount == 1
 
-    async def set_status(self, uuid: str, status: str) -> str | None:
+    async def set_status(self, uuid: str, status: HostStatus) -> HostStatus | None:
         """Set the status; returns the previous one (None when the host is gone)."""
         async with self.db.begin() as conn:
             row = (await conn.execute(select(HOST.c.status).where(HOST.c.uuid == uuid))).first()
@@ -84,11 +85,11 @@ class HostRepository:
                     .where(HOST.c.uuid == uuid, HOST.c.status == row.status)
                     .values(status=status, version=HOST.c.version + 1, updated_at=func.now())
                 )
-            return str(row.status)
+            return HostStatus(row.status)
 
     async def delete_if_unused(self, uuid: str) -> bool:
         """Delete the host unless a VM still lives on it; False when refused."""
-        in_use = exists().where(VM.c.host_uuid == uuid, VM.c.state != "Destroyed")
+        in_use = exists().where(VM.c.host_uuid == uuid, VM.c.state != VmState.DESTROYED)
         async with self.db.begin() as conn:
             result = await conn.execute(delete(HOST).where(HOST.c.uuid == uuid, ~in_use))
             return result.rowcount == 1
@@ -146,7 +147,7 @@ class HostRepository:
             return list(rows)
 
     async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[HostInventory]]:
-        cond = and_(*[getattr(HOST.c, k) == v for k, v in filters.items()]) if filters else True
+        cond = and_(*[getattr(HOST.c, k) == v for k, v in filters.items()]) if filters else true()
         async with self.db.begin() as conn:
             total = (await conn.execute(select(func.count()).select_from(HOST).where(cond))).scalar_one()
             rows = await conn.execute(

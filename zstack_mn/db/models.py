@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, Text, func
+from sqlalchemy import BigInteger, DateTime, Integer, String, Table, Text, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UUID_LEN = 36
@@ -77,3 +77,16 @@ class MessageResult(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     reply: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core table of a mapped class (typed as a ``Table``, which ``__table__`` is not)."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+NODE_TABLE = table_of(ManagementNode)
+HOST_TABLE = table_of(Host)
+VM_TABLE = table_of(VmInstance)
+RESULT_TABLE = table_of(MessageResult)

@@ -9,7 +9,7 @@ from sqlalchemy import BigInteger, column, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
-from zstack_mn.db.models import ManagementNode
+from zstack_mn.db.models import NODE_TABLE
 
 JOINING, RUNNING, LEAVING = "JOINING", "RUNNING", "LEAVING"
 
@@ -58,7 +58,7 @@ class NodeRepository:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self.t = ManagementNode.__table__
+        self.t = NODE_TABLE
 
     async def insert(self, uuid: str, host_name: str, http_address: str, liveness_key: int) -> None:
         async with self.db.begin() as conn:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
-from zstack_mn.db.models import MessageResult
+from zstack_mn.db.models import RESULT_TABLE
 
-RESULT = MessageResult.__table__
+RESULT = RESULT_TABLE
 
 
 OPERATION_PREFIX = "op:"
@@ -24,17 +26,17 @@ class ResultRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def get(self, request_id: str) -> dict | None:
+    async def get(self, request_id: str) -> dict[str, Any] | None:
         async with self.db.begin() as conn:
             return await self.get_in(conn, request_id)
 
     @staticmethod
-    async def get_in(conn: AsyncConnection, request_id: str) -> dict | None:
+    async def get_in(conn: AsyncConnection, request_id: str) -> dict[str, Any] | None:
         """The stored reply, read inside the caller's transaction."""
         row = (await conn.execute(select(RESULT.c.reply).where(RESULT.c.id == request_id))).first()
         return None if row is None else orjson.loads(row.reply)
 
-    async def put(self, request_id: str, reply: dict) -> None:
+    async def put(self, request_id: str, reply: dict[str, Any]) -> None:
         try:
             async with self.db.begin() as conn:
                 await conn.execute(insert(RESULT).values(id=request_id, reply=orjson.dumps(reply).decode()))

@@ -16,11 +16,9 @@ against both.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-import orjson
 from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -28,8 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from zstack_mn.db.engine import Database
 from zstack_mn.db.hosts import CONNECTED, ENABLED, HOST, HostRepository
 from zstack_mn.db.results import OPERATION_PREFIX, RESULT
-from zstack_mn.db.vms import VM, VmRepository
+from zstack_mn.db.vms import VM, VmRepository, VmRow
 from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.messages.states import VmState
 
 PLACE_HOST = "host"
 PLACE_TARGET = "target"
@@ -49,63 +48,6 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class VmRow:
-    """One ``vm_instance`` row, whichever way it was read."""
-
-    uuid: str
-    name: str
-    state: str
-    host_uuid: str | None
-    last_host_uuid: str | None
-    target_host_uuid: str | None
-    cpu_num: int
-    memory_size: int
-    version: int
-    op_id: str | None
-    op_node: str | None
-    created_at: datetime | str | None
-    updated_at: datetime | str | None
-
-    @classmethod
-    def of(cls, mapping: Any) -> VmRow:
-        return cls(**{name: mapping[name] for name in _VM_FIELDS})
-
-    @classmethod
-    def from_json(cls, raw: str | bytes) -> VmRow:
-        return cls.of(orjson.loads(raw))
-
-    @classmethod
-    def from_record(cls, raw: str | bytes) -> VmRow:
-        """An op record: a row snapshot, or (written before migration 0002) the inventory the
-        operation answered, whose row fields it does not hold are left empty."""
-        data = orjson.loads(raw)
-        if "cpu_num" in data:
-            return cls.of(data)
-        return cls(
-            uuid=data["uuid"],
-            name=data["name"],
-            state=data["state"],
-            host_uuid=data.get("hostUuid"),
-            last_host_uuid=data.get("lastHostUuid"),
-            target_host_uuid=None,
-            cpu_num=data["cpuNum"],
-            memory_size=data["memorySize"],
-            version=0,
-            op_id=None,
-            op_node=None,
-            created_at=data.get("createDate"),
-            updated_at=data.get("lastOpDate"),
-        )
-
-    def snapshot(self) -> str:
-        """The row as JSON: what an op record holds (the same shape PostgreSQL's ``row_to_json`` writes)."""
-        return orjson.dumps({name: getattr(self, name) for name in _VM_FIELDS}).decode()
-
-
-_VM_FIELDS = tuple(f.name for f in fields(VmRow))
-
-
-@dataclass(frozen=True, slots=True)
 class Transition:
     """What a state change did: its outcome, the VM row after it (or as found), the agent URL of
     the VM's host, and the recorded result of the operation when it was already finished."""
@@ -114,14 +56,14 @@ class Transition:
     vm: VmRow | None = None
     agent_url: str | None = None
     recorded: VmRow | None = None
-    previous: str | None = None
+    previous: VmState | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Finish:
     """The final values of an operation and the host whose capacity it gives back."""
 
-    state: str
+    state: VmState
     host_uuid: str | None
     last_host_uuid: str | None
     target_host_uuid: str | None
@@ -135,9 +77,9 @@ class VmTransitions(Protocol):
         *,
         op_id: str,
         op_node: str,
-        allowed: frozenset[str],
-        transient: str,
-        final: str,
+        allowed: frozenset[VmState],
+        transient: VmState,
+        final: VmState,
         place: str | None,
         only: str | None,
     ) -> Transition:
@@ -157,7 +99,7 @@ class VmTransitions(Protocol):
         cpu_num: int,
         memory_size: int,
         only: str | None,
-        state: str,
+        state: VmState,
         op_id: str,
         op_node: str,
     ) -> Transition:
@@ -172,6 +114,10 @@ def vm_transitions(db: Database) -> VmTransitions:
 
 def _row(raw: str | None) -> VmRow | None:
     return None if raw is None else VmRow.from_json(raw)
+
+
+def _state(raw: str | None) -> VmState | None:
+    return None if raw is None else VmState(raw)
 
 
 def _record(raw: str | None) -> VmRow | None:
@@ -203,9 +149,9 @@ class PostgresVmTransitions:
         *,
         op_id: str,
         op_node: str,
-        allowed: frozenset[str],
-        transient: str,
-        final: str,
+        allowed: frozenset[VmState],
+        transient: VmState,
+        final: VmState,
         place: str | None,
         only: str | None,
     ) -> Transition:
@@ -221,7 +167,9 @@ class PostgresVmTransitions:
             place=place,
             only=only,
         )
-        return Transition(Outcome(row.outcome), _row(row.vm), row.agent_url, _record(row.recorded), row.previous)
+        return Transition(
+            Outcome(row.outcome), _row(row.vm), row.agent_url, _record(row.recorded), _state(row.previous)
+        )
 
     async def finish(self, vm: VmRow, to: Finish) -> Transition:
         assert vm.op_id is not None
@@ -246,7 +194,7 @@ class PostgresVmTransitions:
         cpu_num: int,
         memory_size: int,
         only: str | None,
-        state: str,
+        state: VmState,
         op_id: str,
         op_node: str,
     ) -> Transition:
@@ -283,17 +231,16 @@ class SqlVmTransitions:
         *,
         op_id: str,
         op_node: str,
-        allowed: frozenset[str],
-        transient: str,
-        final: str,
+        allowed: frozenset[VmState],
+        transient: VmState,
+        final: VmState,
         place: str | None,
         only: str | None,
     ) -> Transition:
         async with self.db.begin() as conn:
-            found = await VmRepository.get_in(conn, uuid)
-            if found is None:
+            vm = await VmRepository.get_in(conn, uuid)
+            if vm is None:
                 return Transition(Outcome.MISSING)
-            vm = VmRow.of(found._mapping)
             if vm.op_id == op_id and vm.state in (transient, final):
                 outcome = Outcome.RESUME if vm.state == transient else Outcome.FINAL
                 return Transition(outcome, vm, await _agent_url(conn, vm.host_uuid))
@@ -346,7 +293,7 @@ class SqlVmTransitions:
         cpu_num: int,
         memory_size: int,
         only: str | None,
-        state: str,
+        state: VmState,
         op_id: str,
         op_node: str,
     ) -> Transition:
@@ -355,7 +302,7 @@ class SqlVmTransitions:
                 found = await VmRepository.get_in(conn, uuid)
                 if found is not None:
                     recorded = await _recorded(conn, OPERATION_PREFIX + op_id)
-                    return Transition(Outcome.EXISTS, VmRow.of(found._mapping), None, recorded)
+                    return Transition(Outcome.EXISTS, found, None, recorded)
                 placed = await _reserve_host(conn, cpu_num, memory_size, None, only, None, uuid)
                 if placed is None:
                     return Transition(Outcome.NO_CAPACITY)
@@ -381,8 +328,7 @@ class SqlVmTransitions:
 
 
 async def _cas(conn: AsyncConnection, vm: VmRow, values: dict[str, Any]) -> VmRow | None:
-    found = await VmRepository.cas(conn, vm.uuid, vm.version, **values)
-    return None if found is None else VmRow.of(found._mapping)
+    return await VmRepository.cas(conn, vm.uuid, vm.version, **values)
 
 
 async def _agent_url(conn: AsyncConnection, host_uuid: str | None) -> str | None:

@@ -1,21 +1,92 @@
-"""Queries on ``vm_instance``: every state change is a compare-and-set on ``version``."""
+"""Queries on ``vm_instance``: every state change is a compare-and-set on ``version``.
+
+This module and ``zstack_mn.db.vm_transitions`` are the only writers of the table, and only the
+VM's owner calls them (the ``vmInstance`` service, inside the VM's chain)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, insert, select, update
+import orjson
+from sqlalchemy import RowMapping, and_, func, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
-from zstack_mn.db.models import Host, VmInstance
+from zstack_mn.db.hosts import HostRepository
+from zstack_mn.db.models import VM_TABLE
 from zstack_mn.messages.inventory import VmInventory
+from zstack_mn.messages.states import VmState
 
-VM = VmInstance.__table__
-HOST = Host.__table__
+VM = VM_TABLE
+
+KEEPS_HOST = frozenset({VmState.RUNNING, VmState.UNKNOWN})
+"""States in which a VM holds capacity on its host (outside an operation)."""
 
 
-def vm_inventory(row: Any) -> VmInventory:
+@dataclass(frozen=True, slots=True)
+class VmRow:
+    """One ``vm_instance`` row, whichever way it was read (a query, a server-side function's
+    ``row_to_json``, an op record)."""
+
+    uuid: str
+    name: str
+    state: VmState
+    host_uuid: str | None
+    last_host_uuid: str | None
+    target_host_uuid: str | None
+    cpu_num: int
+    memory_size: int
+    version: int
+    op_id: str | None
+    op_node: str | None
+    created_at: datetime | str | None
+    updated_at: datetime | str | None
+
+    @classmethod
+    def of(cls, mapping: RowMapping | Mapping[str, Any]) -> VmRow:
+        values = {name: mapping[name] for name in _VM_FIELDS}
+        values["state"] = VmState(values["state"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> VmRow:
+        return cls.of(orjson.loads(raw))
+
+    @classmethod
+    def from_record(cls, raw: str | bytes) -> VmRow:
+        """An op record: a row snapshot, or (written before migration 0002) the inventory the
+        operation answered, whose row fields it does not hold are left empty."""
+        data = orjson.loads(raw)
+        if "cpu_num" in data:
+            return cls.of(data)
+        return cls(
+            uuid=data["uuid"],
+            name=data["name"],
+            state=VmState(data["state"]),
+            host_uuid=data.get("hostUuid"),
+            last_host_uuid=data.get("lastHostUuid"),
+            target_host_uuid=None,
+            cpu_num=data["cpuNum"],
+            memory_size=data["memorySize"],
+            version=0,
+            op_id=None,
+            op_node=None,
+            created_at=data.get("createDate"),
+            updated_at=data.get("lastOpDate"),
+        )
+
+    def snapshot(self) -> str:
+        """The row as JSON: what an op record holds (the same shape PostgreSQL's ``row_to_json`` writes)."""
+        return orjson.dumps({name: getattr(self, name) for name in _VM_FIELDS}).decode()
+
+
+_VM_FIELDS = tuple(f.name for f in fields(VmRow))
+
+
+def vm_inventory(row: VmRow) -> VmInventory:
     return VmInventory(
         uuid=row.uuid,
         name=row.name,
@@ -37,16 +108,17 @@ class VmRepository:
     async def insert(conn: AsyncConnection, **values: Any) -> None:
         await conn.execute(insert(VM).values(version=1, **values))
 
-    async def get(self, uuid: str) -> Any | None:
+    async def get(self, uuid: str) -> VmRow | None:
         async with self.db.begin() as conn:
             return await self.get_in(conn, uuid)
 
     @staticmethod
-    async def get_in(conn: AsyncConnection, uuid: str) -> Any | None:
-        return (await conn.execute(select(VM).where(VM.c.uuid == uuid))).first()
+    async def get_in(conn: AsyncConnection, uuid: str) -> VmRow | None:
+        row = (await conn.execute(select(VM).where(VM.c.uuid == uuid))).first()
+        return None if row is None else VmRow.of(row._mapping)
 
     @staticmethod
-    async def cas(conn: AsyncConnection, uuid: str, version: int, **values: Any) -> Any | None:
+    async def cas(conn: AsyncConnection, uuid: str, version: int, **values: Any) -> VmRow | None:
         """Apply ``values`` only if the row is still at ``version`` (bumping it); the new row, or
         None when someone else changed it first."""
         result = await conn.execute(
@@ -55,7 +127,25 @@ class VmRepository:
             .values(**values, version=version + 1, updated_at=func.now())
             .returning(*VM.c)
         )
-        return result.first()
+        row = result.first()
+        return None if row is None else VmRow.of(row._mapping)
+
+    async def settle(self, vm: VmRow, state: VmState, host_uuid: str | None = None) -> VmRow | None:
+        """Set ``vm`` (as read, at its version) to ``state`` outside an operation, and give back
+        every host reservation the new state does not need, in one transaction. ``host_uuid``:
+        where a Running or Unknown VM is (default: its current host). None, writing nothing, when
+        the VM changed since it was read."""
+        keep = (host_uuid or vm.host_uuid) if state in KEEPS_HOST else None
+        values: dict[str, Any] = {"state": state, "host_uuid": keep, "target_host_uuid": None}
+        if keep is None:
+            values["last_host_uuid"] = vm.host_uuid or vm.last_host_uuid
+        async with self.db.begin() as conn:
+            fresh = await self.cas(conn, vm.uuid, vm.version, **values)
+            if fresh is None:
+                return None
+            for held in {vm.host_uuid, vm.target_host_uuid} - {keep, None}:
+                await HostRepository.release(conn, held, vm.cpu_num, vm.memory_size)
+        return fresh
 
     async def seconds_since_change(self, uuid: str) -> float | None:
         """Seconds (database clock) since the row last changed; None when there is no row."""
@@ -63,18 +153,32 @@ class VmRepository:
             row = (await conn.execute(select(self.db.age_seconds(VM.c.updated_at)).where(VM.c.uuid == uuid))).first()
         return None if row is None else float(row[0])
 
-    async def in_states(self, states: tuple[str, ...], after: str, limit: int) -> list[Any]:
+    async def in_states(self, states: frozenset[VmState], after: str, limit: int) -> list[str]:
+        """Uuids of VMs in ``states``, in uuid order after ``after`` (for paging)."""
         async with self.db.begin() as conn:
             rows = await conn.execute(
                 select(VM.c.uuid).where(VM.c.state.in_(states), VM.c.uuid > after).order_by(VM.c.uuid).limit(limit)
             )
-            return list(rows)
+            return [r.uuid for r in rows]
+
+    async def on_host(
+        self, host_uuid: str, states: frozenset[VmState], after: str, limit: int
+    ) -> list[tuple[str, VmState]]:
+        """(uuid, state) of the VMs on ``host_uuid`` in ``states``, in uuid order after ``after``."""
+        async with self.db.begin() as conn:
+            rows = await conn.execute(
+                select(VM.c.uuid, VM.c.state)
+                .where(VM.c.host_uuid == host_uuid, VM.c.state.in_(states), VM.c.uuid > after)
+                .order_by(VM.c.uuid)
+                .limit(limit)
+            )
+            return [(r.uuid, VmState(r.state)) for r in rows]
 
     async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[VmInventory]]:
-        cond = and_(*[getattr(VM.c, k) == v for k, v in filters.items()]) if filters else True
+        cond = and_(*[getattr(VM.c, k) == v for k, v in filters.items()]) if filters else true()
         async with self.db.begin() as conn:
             total = (await conn.execute(select(func.count()).select_from(VM).where(cond))).scalar_one()
             rows = await conn.execute(
                 select(VM).where(cond).order_by(VM.c.created_at, VM.c.uuid).limit(limit).offset(start)
             )
-            return int(total), [vm_inventory(r) for r in rows]
+            return int(total), [vm_inventory(VmRow.of(r._mapping)) for r in rows]

@@ -17,6 +17,7 @@ from zstack_mn.messages.host import (
     DeleteHostMsg,
     ReconnectHostMsg,
 )
+from zstack_mn.messages.states import HostState, HostStatus, VmState
 from zstack_mn.messages.vm import (
     CreateVmInstanceMsg,
     DestroyVmInstanceMsg,
@@ -50,13 +51,13 @@ class _QueryMsg(Message):
 
 class APIQueryHostMsg(_QueryMsg):
     name: str | None = None
-    state: str | None = None
-    status: str | None = None
+    state: HostState | None = None
+    status: HostStatus | None = None
 
 
 class APIQueryVmInstanceMsg(_QueryMsg):
     name: str | None = None
-    state: str | None = None
+    state: VmState | None = None
     host_uuid: ResourceUuid | None = None
 
 

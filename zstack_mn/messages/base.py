@@ -13,7 +13,7 @@ message is handled by the sending node (creational / non-resource messages).
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self, cast
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
@@ -62,13 +62,14 @@ class Message(WireModel):
             registry.register(cls)
 
     @classmethod
-    def api(cls, name: str | None = None) -> type[Message]:
+    def api(cls, name: str | None = None) -> type[Self]:
         """The API twin of this message (``API<Name>``): same fields, sent to the portal, which
         validates it and routes ``TARGET`` on by the ring. Nothing is written twice."""
         api_name = name or f"API{cls.__name__}"
-        return type(  # type: ignore[return-value]  # type() is typed as returning a plain type
+        twin = type(
             api_name, (cls,), {"SERVICE": "api", "RESOURCE_FIELD": None, "TARGET": cls, "__module__": cls.__module__}
         )
+        return cast("type[Self]", twin)
 
     def resource_uuid(self) -> str | None:
         return getattr(self, self.RESOURCE_FIELD) if self.RESOURCE_FIELD else None

@@ -11,13 +11,15 @@ deadline. Replies carry ``ok`` with ``body`` or ``error`` and the uuid of the no
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from zstack_mn.messages.base import Event, Message, registry
+from zstack_mn.messages.base import Event, Message, WireModel, registry
 from zstack_mn.messages.errors import ErrorCode, ErrorInfo, ZStackError
+
+M = TypeVar("M", bound=WireModel)
 
 REPLY_TYPE = "Reply"
 
@@ -104,13 +106,13 @@ class Envelope(BaseModel):
         cls = registry.get(self.type)
         if not issubclass(cls, Message):
             raise ZStackError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"{self.type} is not a request")
-        return validate_body(cls, self.body)  # type: ignore[return-value]
+        return validate_body(cls, self.body)
 
     def parse_event(self) -> Event:
         cls = registry.get(self.type)
         if not issubclass(cls, Event):
             raise ZStackError(ErrorCode.UNKNOWN_MESSAGE_TYPE, f"{self.type} is not an event")
-        return validate_body(cls, self.body)  # type: ignore[return-value]
+        return validate_body(cls, self.body)
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -128,11 +130,11 @@ def validation_error(exc: ValidationError, what: str) -> ZStackError:
     return ZStackError(ErrorCode.INVALID_ARGUMENT, f"{name}: {first['message']}", field=first["field"], errors=problems)
 
 
-def validate_body(cls: type[Message] | type[Event], body: dict[str, Any]) -> Message | Event:
+def validate_body(cls: type[M], body: dict[str, Any]) -> M:
     try:
         return cls.model_validate(body)
     except ValidationError as exc:
-        raise validation_error(exc, cls.type_name) from None
+        raise validation_error(exc, cls.__name__) from None
 
 
 def encode(env: Envelope, limit: int) -> bytes:

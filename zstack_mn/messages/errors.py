@@ -17,11 +17,14 @@ from pydantic import BaseModel, Field
 class ErrorCode(str, Enum):
     """Every error a reply can carry: (code, HTTP status, retryable)."""
 
-    def __new__(cls, code: str, http_status: int, retryable: bool) -> ErrorCode:
+    http_status: int
+    retryable: bool
+
+    def __new__(cls, code: str, http_status: int = 500, retryable: bool = False) -> ErrorCode:
         obj = str.__new__(cls, code)
         obj._value_ = code
-        obj.http_status = http_status  # type: ignore[attr-defined]
-        obj.retryable = retryable  # type: ignore[attr-defined]
+        obj.http_status = http_status
+        obj.retryable = retryable
         return obj
 
     INVALID_ARGUMENT = ("SYS.1001", 400, False)
@@ -76,7 +79,7 @@ class ZStackError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return bool(self.code.retryable)  # type: ignore[attr-defined]
+        return self.code.retryable
 
     def to_info(self) -> ErrorInfo:
         return ErrorInfo(code=self.code.value, description=self.description, details=self.details)

@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 
 from zstack_mn.messages.base import WireModel
+from zstack_mn.messages.states import HostState, HostStatus, VmState
 
 
 class HostInventory(WireModel):
     uuid: str
     name: str
     agent_url: str
-    state: str
-    status: str
+    state: HostState
+    status: HostStatus
     total_cpu_capacity: int
     available_cpu_capacity: int
     total_memory_capacity: int
@@ -24,7 +25,7 @@ class HostInventory(WireModel):
 class VmInventory(WireModel):
     uuid: str
     name: str
-    state: str
+    state: VmState
     host_uuid: str | None = None
     last_host_uuid: str | None = None
     cpu_num: int

@@ -11,15 +11,18 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(?:i?B)?\s*$", re.I)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
-def parse_size(value: object) -> object:
-    """``1073741824``, ``"1G"``, ``"512M"``, ``"2GiB"`` → bytes; anything else is left to fail."""
-    if isinstance(value, str):
-        m = _SIZE.match(value)
-        if m is None:
-            raise ValueError("must be a size such as 1073741824, 512M or 1G")
-        return int(m.group(1)) * _UNITS[m.group(2).upper()]
-    return value
+def parse_size(value: str) -> int:
+    """``"1073741824"``, ``"1G"``, ``"512M"``, ``"2GiB"`` → bytes; ValueError for anything else."""
+    m = _SIZE.match(value)
+    if m is None:
+        raise ValueError("must be a size such as 1073741824, 512M or 1G")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_size), Field(gt=0, le=1 << 50)]
+def _size_or_value(value: object) -> object:
+    """A size string in bytes; any other value is left for the int validation to judge."""
+    return parse_size(value) if isinstance(value, str) else value
+
+
+ByteSize = Annotated[int, BeforeValidator(_size_or_value), Field(gt=0, le=1 << 50)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]

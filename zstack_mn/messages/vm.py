@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from zstack_mn.messages.base import Message, ResourceUuid
+from zstack_mn.messages.states import VmState
 from zstack_mn.messages.types import ByteSize, Name
 
 VM = "vmInstance"
@@ -51,6 +52,18 @@ class DestroyVmInstanceMsg(_VmMsg):
 class MigrateVmMsg(_VmMsg):
     SERVICE: ClassVar[str] = VM
     host_uuid: ResourceUuid | None = None
+
+
+class VmStateChangedOnHostMsg(Message):
+    """Sent by a host's tracker to the VM's owner (ZStack's ``VmStateChangedOnHostMsg``): the
+    VM's host reports it in ``state``, or, when the host is lost, it is ``Unknown``. The owner
+    decides, in the VM's chain; the host side never writes a VM."""
+
+    SERVICE: ClassVar[str] = VM
+    RESOURCE_FIELD: ClassVar[str | None] = "uuid"
+    uuid: ResourceUuid
+    host_uuid: ResourceUuid
+    state: Literal[VmState.RUNNING, VmState.STOPPED, VmState.UNKNOWN]
 
 
 OPERATION_MESSAGES: dict[str, type[_VmMsg]] = {

@@ -11,14 +11,12 @@ VM operations, whose op record is that reply).
 
 from __future__ import annotations
 
-import asyncio
 import uuid as uuidlib
 from typing import Any
 
 import structlog
 
 from zstack_mn.bus.cloudbus import Request
-from zstack_mn.bus.topology import API_SERVICE
 from zstack_mn.db.hosts import HostRepository
 from zstack_mn.db.nodes import NodeRepository
 from zstack_mn.db.results import ResultRepository
@@ -30,22 +28,17 @@ from zstack_mn.messages.api import (
     APIQueryManagementNodeMsg,
     APIQueryVmInstanceMsg,
 )
+from zstack_mn.messages.ids import IDEMPOTENCY_HEADER, request_id_for_key, resource_uuid_for
 from zstack_mn.messages.inventory import ManagementNodeInventory
+from zstack_mn.messages.names import API_SERVICE
+from zstack_mn.periodic import Periodic
 from zstack_mn.services.base import Service, ServiceContext
-from zstack_mn.services.ids import resource_uuid_for
 
 log = structlog.get_logger(__name__)
 
-IDEMPOTENCY_HEADER = "idempotencyKey"
 RESULT_RETENTION_S = 24 * 3600
 RESULT_SWEEP_INTERVAL_S = 600
-IDEMPOTENCY_NAMESPACE = uuidlib.UUID("0b6f3c52-9a51-4d7e-a3f1-52c8b8e0d7a1")
 LOCAL_ID_ATTEMPTS = 64
-
-
-def request_id_for_key(key: str) -> str:
-    """The message id every node derives from a client's idempotency key."""
-    return str(uuidlib.uuid5(IDEMPOTENCY_NAMESPACE, key))
 
 
 class ApiPortal(Service):
@@ -57,26 +50,19 @@ class ApiPortal(Service):
         self.hosts = HostRepository(ctx.db)
         self.vms = VmRepository(ctx.db)
         self.nodes = NodeRepository(ctx.db)
-        self._sweeper: asyncio.Task[None] | None = None
+        self._sweeper = Periodic("result-sweeper", self._sweep, RESULT_SWEEP_INTERVAL_S, first_run_delayed=True)
 
     async def start(self) -> None:
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="result-sweeper")
+        self._sweeper.start()
 
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self._sweeper.stop()
 
     async def _sweep(self) -> None:
         """Forget stored replies older than RESULT_RETENTION_S (a retry after a day is a new request)."""
-        while True:
-            await asyncio.sleep(RESULT_SWEEP_INTERVAL_S)
-            try:
-                removed = await self.results.expire(RESULT_RETENTION_S)
-                if removed:
-                    log.info("expired stored replies", removed=removed)
-            except ZStackError as exc:
-                log.warning("stored replies not expired", error=exc.description)
+        removed = await self.results.expire(RESULT_RETENTION_S)
+        if removed:
+            log.info("expired stored replies", removed=removed)
 
     async def dispatch(self, req: Request) -> dict[str, Any]:
         key = req.envelope.headers.get(IDEMPOTENCY_HEADER)
@@ -129,12 +115,12 @@ class ApiPortal(Service):
     async def query(self, msg: Message) -> dict[str, Any]:
         if isinstance(msg, APIQueryVmInstanceMsg):
             filters = _filters(msg, ("uuid", "name", "state", "host_uuid"))
-            total, rows = await self.vms.query(filters, msg.limit, msg.start)
-            return {"total": total, "inventories": [r.to_wire() for r in rows]}
+            total, vms = await self.vms.query(filters, msg.limit, msg.start)
+            return {"total": total, "inventories": [r.to_wire() for r in vms]}
         if isinstance(msg, APIQueryHostMsg):
             filters = _filters(msg, ("uuid", "name", "state", "status"))
-            total, rows = await self.hosts.query(filters, msg.limit, msg.start)
-            return {"total": total, "inventories": [r.to_wire() for r in rows]}
+            total, hosts = await self.hosts.query(filters, msg.limit, msg.start)
+            return {"total": total, "inventories": [r.to_wire() for r in hosts]}
         assert isinstance(msg, APIQueryManagementNodeMsg)
         nodes = await self.management_nodes()
         if msg.uuid:

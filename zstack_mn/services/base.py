@@ -37,6 +37,7 @@ from zstack_mn.services.chains import Chains
 log = structlog.get_logger(__name__)
 
 ENTRY_POINT_GROUP = "zstack_mn.services"
+HANDLES_ATTRIBUTE = "__zstack_handles__"
 FENCE_POLL = 0.05
 PAUSE_LOG_INTERVAL = 1.0
 
@@ -47,7 +48,7 @@ def handles(msg_type: type[Message]) -> Callable[[F], F]:
     """Tag a method as the handler of ``msg_type``."""
 
     def tag(fn: F) -> F:
-        fn.__zstack_handles__ = msg_type  # type: ignore[attr-defined]
+        setattr(fn, HANDLES_ATTRIBUTE, msg_type)
         return fn
 
     return tag
@@ -81,7 +82,7 @@ class Service:
         self._handlers: dict[type[Message], Callable[[Any, Request], Awaitable[dict[str, Any]]]] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr, None)
-            msg_type = getattr(fn, "__zstack_handles__", None)
+            msg_type = getattr(fn, HANDLES_ATTRIBUTE, None)
             if msg_type is not None:
                 self._handlers[msg_type] = getattr(self, attr)
 

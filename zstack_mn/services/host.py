@@ -4,18 +4,18 @@ track (ping) the hosts this node owns by the ring.
 The tracker pages through all hosts (10,000 are fine), pings the ones the ring gives this node
 (bounded concurrency), and restarts at once on every ring change, so a dead node's hosts are
 tracked by their new owners within a heartbeat. An agent that misses ``host_ping_failures`` pings
-marks its host Disconnected and its running VMs Unknown; when it answers again the host is
-Connected and those VMs take the state the agent reports.
+marks its host Disconnected; when it answers again the host is Connected. The host side never
+writes a VM: it sends ``VmStateChangedOnHostMsg`` to each VM's owner (Unknown for the running VMs
+of a lost host; the agent's state for the VMs of a host that is back), and the owner decides.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from zstack_mn.bus.cloudbus import Request
@@ -26,9 +26,9 @@ from zstack_mn.db.hosts import (
     HostRepository,
     host_inventory,
 )
-from zstack_mn.db.models import VmInstance
+from zstack_mn.db.vms import VmRepository
 from zstack_mn.messages import ErrorCode, ZStackError
-from zstack_mn.messages.events import HostStatusChangedEvent, VmStateChangedEvent
+from zstack_mn.messages.events import HostStatusChangedEvent
 from zstack_mn.messages.host import (
     HOST,
     AddHostMsg,
@@ -38,14 +38,17 @@ from zstack_mn.messages.host import (
     PingHostMsg,
     ReconnectHostMsg,
 )
+from zstack_mn.messages.ids import resource_uuid_for
+from zstack_mn.messages.states import VmState
+from zstack_mn.messages.vm import VmStateChangedOnHostMsg
+from zstack_mn.periodic import Periodic
 from zstack_mn.services.base import Service, ServiceContext, handles
-from zstack_mn.services.ids import resource_uuid_for
 
 log = structlog.get_logger(__name__)
 
 TRACKER_PAGE = 1000
 PING_CONCURRENCY = 64
-VM = VmInstance.__table__
+OWNER_CALLS = 64
 
 
 class HostService(Service):
@@ -55,19 +58,17 @@ class HostService(Service):
         super().__init__(ctx)
         self.hosts = HostRepository(ctx.db)
         self._failures: dict[str, int] = {}
-        self._tracker: asyncio.Task[None] | None = None
-        self._ring_changed = asyncio.Event()
+        self.vms = VmRepository(ctx.db)
+        self._tracker = Periodic("host-tracker", self._track_once, ctx.settings.host_ping_interval)
 
     async def start(self) -> None:
-        self._tracker = asyncio.get_running_loop().create_task(self._track(), name="host-tracker")
+        self._tracker.start()
 
     async def stop(self) -> None:
-        if self._tracker is not None:
-            self._tracker.cancel()
-            await asyncio.gather(self._tracker, return_exceptions=True)
+        await self._tracker.stop()
 
     def on_ring_changed(self) -> None:
-        self._ring_changed.set()
+        self._tracker.wake()
 
     async def _inventory(self, uuid: str) -> dict[str, Any]:
         row = await self.hosts.get(uuid)
@@ -151,74 +152,60 @@ class HostService(Service):
             self._failures.pop(uuid, None)
             previous = await self.hosts.set_status(uuid, CONNECTED)
             if previous not in (None, CONNECTED):
-                await self._sync_vms(uuid, agent_url)
                 await self.bus.publish(
                     HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=CONNECTED)
                 )
                 log.info("host reconnected", host=uuid)
+                await self._report_vms(uuid, agent_url)
             return
         failures = self._failures[uuid] = self._failures.get(uuid, 0) + 1
         if failures < self.ctx.settings.host_ping_failures:
             return
         previous = await self.hosts.set_status(uuid, DISCONNECTED)
         if previous not in (None, DISCONNECTED):
-            async with self.db.begin() as conn:
-                unknown = await conn.execute(
-                    update(VM)
-                    .where(VM.c.host_uuid == uuid, VM.c.state == "Running")
-                    .values(state="Unknown", version=VM.c.version + 1)
-                    .returning(VM.c.uuid)
-                )
-                lost = [r.uuid for r in unknown]
             await self.bus.publish(HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=DISCONNECTED))
-            for vm in lost:
-                await self.bus.publish(
-                    VmStateChangedEvent(vm_uuid=vm, old_state="Running", new_state="Unknown", host_uuid=uuid)
-                )
             log.warning("host disconnected", host=uuid)
+            await self._tell_owners(uuid, frozenset({VmState.RUNNING}), lambda vm, state: VmState.UNKNOWN)
 
-    async def _sync_vms(self, host_uuid: str, agent_url: str) -> None:
-        """VMs left Unknown on a host that answers again take the state its agent reports."""
+    async def _report_vms(self, host_uuid: str, agent_url: str) -> None:
+        """The states the agent of a host that answers again reports, to the owners of the VMs
+        the database has on it (a VM the agent does not list is Stopped)."""
         try:
             real = {v.uuid: v.state for v in (await self.ctx.agents.list_vms(agent_url)).vms}
         except ZStackError as exc:
-            log.warning("cannot sync VM states", host=host_uuid, error=exc.description)
+            log.warning("cannot read the VM states of a reconnected host", host=host_uuid, error=exc.description)
             return
-        settled: list[tuple[str, str]] = []
-        async with self.db.begin() as conn:
-            for row in await conn.execute(VM.select().where(VM.c.host_uuid == host_uuid, VM.c.state == "Unknown")):
-                state = "Running" if real.get(row.uuid) == "Running" else "Stopped"
-                values: dict[str, Any] = {"state": state, "version": row.version + 1}
-                if state == "Stopped":
-                    values.update(host_uuid=None, last_host_uuid=host_uuid)
-                result = await conn.execute(
-                    update(VM).where(VM.c.uuid == row.uuid, VM.c.version == row.version).values(**values)
-                )
-                if result.rowcount != 1:
-                    continue
-                if state == "Stopped":
-                    await self.hosts.release(conn, host_uuid, row.cpu_num, row.memory_size)
-                settled.append((row.uuid, state))
-        for vm, state in settled:
-            await self.bus.publish(
-                VmStateChangedEvent(vm_uuid=vm, old_state="Unknown", new_state=state, host_uuid=host_uuid)
-            )
 
-    async def _track(self) -> None:
-        interval = self.ctx.settings.host_ping_interval
-        while True:
-            self._ring_changed.clear()
-            try:
-                await self._track_once()
-            except asyncio.CancelledError:
-                raise
-            except ZStackError as exc:
-                log.warning("host tracker pass failed", error=exc.description)
-            except Exception:
-                log.exception("host tracker pass failed")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._ring_changed.wait()
+        def reported(vm: str, state: VmState) -> VmState:
+            return VmState.RUNNING if real.get(vm) == VmState.RUNNING else VmState.STOPPED
+
+        await self._tell_owners(host_uuid, frozenset({VmState.RUNNING, VmState.UNKNOWN}), reported)
+
+    async def _tell_owners(
+        self, host_uuid: str, states: frozenset[VmState], new_state: Callable[[str, VmState], VmState]
+    ) -> None:
+        """For every VM on the host in ``states`` whose state should be ``new_state(vm, state)``,
+        a ``VmStateChangedOnHostMsg`` to the VM's owner, which changes it (page by page, at most
+        OWNER_CALLS at once, each within the call deadline)."""
+        slots = asyncio.Semaphore(OWNER_CALLS)
+        failed = 0
+
+        async def tell(vm: str, state: VmState) -> None:
+            nonlocal failed
+            async with slots:
+                try:
+                    await self.bus.call(VmStateChangedOnHostMsg(uuid=vm, host_uuid=host_uuid, state=state))
+                except ZStackError as exc:
+                    failed += 1
+                    log.warning("a VM's owner did not take its state from the host", vm=vm, error=exc.description)
+
+        after = ""
+        while page := await self.vms.on_host(host_uuid, states, after, TRACKER_PAGE):
+            after = page[-1][0]
+            changes = [(vm, new) for vm, old in page if (new := new_state(vm, old)) != old]
+            await asyncio.gather(*(tell(vm, new) for vm, new in changes))
+        if failed:
+            log.warning("some VMs kept a state their host contradicts", host=host_uuid, vms=failed)
 
     async def _track_once(self) -> None:
         slots = asyncio.Semaphore(PING_CONCURRENCY)

@@ -12,7 +12,6 @@ state. See ``zstack_mn.db.vm_transitions`` for the round trips themselves.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import Any
 
@@ -21,10 +20,11 @@ import structlog
 from zstack_mn.agent.protocol import OP_APPLIED, VmOp
 from zstack_mn.bus.cloudbus import Request
 from zstack_mn.db.hosts import HostRepository
-from zstack_mn.db.vm_transitions import PLACE_HOST, PLACE_TARGET, Finish, Outcome, VmRow, vm_transitions
-from zstack_mn.db.vms import VmRepository, vm_inventory
+from zstack_mn.db.vm_transitions import PLACE_HOST, PLACE_TARGET, Finish, Outcome, vm_transitions
+from zstack_mn.db.vms import VmRepository, VmRow, vm_inventory
 from zstack_mn.messages import Envelope, ErrorCode, ZStackError
 from zstack_mn.messages.events import VmStateChangedEvent
+from zstack_mn.messages.ids import resource_uuid_for
 from zstack_mn.messages.vm import (
     OPERATION_MESSAGES,
     VM,
@@ -34,10 +34,11 @@ from zstack_mn.messages.vm import (
     RebootVmInstanceMsg,
     StartVmInstanceMsg,
     StopVmInstanceMsg,
+    VmStateChangedOnHostMsg,
 )
+from zstack_mn.periodic import Periodic
 from zstack_mn.services import vm_states as s
 from zstack_mn.services.base import Service, ServiceContext, handles
-from zstack_mn.services.ids import resource_uuid_for
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +46,8 @@ RECONCILE_PAGE = 500
 CREATE_ATTEMPTS = 3
 TAKEOVER_MARGIN_S = 1.0
 TAKEOVER_POLL_S = 0.2
+ABSENT = "Absent"
+"""What a VM is when no agent it may be on lists it."""
 
 
 class VmInstanceService(Service):
@@ -55,20 +58,23 @@ class VmInstanceService(Service):
         self.vms = VmRepository(ctx.db)
         self.hosts = HostRepository(ctx.db)
         self.transitions = vm_transitions(ctx.db)
-        self._reconciler: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._reconciler = Periodic(
+            "vm-reconcile",
+            self.reconcile_transient,
+            lambda: max(ctx.settings.node_timeout, 1.0),
+            cooldown=min(ctx.settings.heartbeat_interval, 1.0),
+        )
+        """A pass on every ring change, and every ``node_timeout`` for what a pass could not finish
+        (an operation whose request timed out while it waited for its previous owner)."""
 
     async def start(self) -> None:
-        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop(), name="vm-reconcile")
-        self._wake.set()
+        self._reconciler.start()
 
     async def stop(self) -> None:
-        if self._reconciler is not None:
-            self._reconciler.cancel()
-            await asyncio.gather(self._reconciler, return_exceptions=True)
+        await self._reconciler.stop()
 
     def on_ring_changed(self) -> None:
-        self._wake.set()
+        self._reconciler.wake()
 
     async def _event(self, uuid: str, old: str | None, new: str, host: str | None) -> None:
         if old != new:
@@ -113,6 +119,27 @@ class VmInstanceService(Service):
         await self._event(uuid, None, s.STARTING, t.vm.host_uuid)
         await self.wait_unfenced(req)
         return await self._run(t.vm, t.agent_url, s.OPERATIONS["start"], req)
+
+    @handles(VmStateChangedOnHostMsg)
+    async def state_changed_on_host(self, msg: VmStateChangedOnHostMsg, req: Request) -> dict[str, Any]:
+        """The VM's host reports it in ``msg.state`` (Unknown: the host is lost). Taken only for a
+        VM on that host and outside an operation (an operation settles its VM itself); Unknown
+        only for a Running VM. Capacity follows in the same transaction."""
+        vm = await self.vms.get(msg.uuid)
+        if (
+            vm is None
+            or vm.state.transient
+            or vm.host_uuid != msg.host_uuid
+            or vm.state == msg.state
+            or (msg.state == s.UNKNOWN and vm.state != s.RUNNING)
+        ):
+            return {"changed": False}
+        fresh = await self.vms.settle(vm, msg.state)
+        if fresh is None:
+            return {"changed": False}
+        log.info("vm state taken from its host", vm=vm.uuid, was=vm.state, now=fresh.state, host=msg.host_uuid)
+        await self._event(vm.uuid, vm.state, fresh.state, msg.host_uuid)
+        return {"changed": True, "inventory": vm_inventory(fresh).to_wire()}
 
     @handles(StartVmInstanceMsg)
     async def start_vm(self, msg: StartVmInstanceMsg, req: Request) -> dict[str, Any]:
@@ -252,7 +279,7 @@ class VmInstanceService(Service):
             fresh = await self.vms.cas(conn, vm.uuid, vm.version, op_node=self.ctx.node_uuid)
         if fresh is None:
             raise ZStackError(ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} changed concurrently; retry")
-        return VmRow.of(fresh._mapping)
+        return fresh
 
     async def _finish(self, vm: VmRow, op: s.Operation) -> dict[str, Any]:
         """Transient → final, with the capacity bookkeeping of ``op`` and the op record, in one
@@ -272,15 +299,16 @@ class VmInstanceService(Service):
         await self._event(vm.uuid, vm.state, op.final, t.vm.host_uuid)
         return vm_inventory(t.vm).to_wire()
 
-    async def _settle_from_agent(self, vm: Any, *, fallback_failed_start: bool = False) -> None:
+    async def _settle_from_agent(self, vm: VmRow, *, fallback_failed_start: bool = False) -> None:
         """Set a VM in a transient state to what its agent reports (capacity follows). Not on
         a fenced node, nor when another node has taken the operation over (its fence refused
         ours): the VM has a new owner, which settles it."""
         if self.ctx.is_fenced():
             return
-        vm = await self.vms.get(vm.uuid)
-        if vm is None or vm.state not in s.TRANSIENT or vm.op_node != self.ctx.node_uuid:
+        found_vm = await self.vms.get(vm.uuid)
+        if found_vm is None or not found_vm.state.transient or found_vm.op_node != self.ctx.node_uuid:
             return
+        vm = found_vm
         real: str | None = None
         where: str | None = None
         for host_uuid in filter(None, (vm.host_uuid, vm.target_host_uuid)):
@@ -295,50 +323,20 @@ class VmInstanceService(Service):
             if found is not None:
                 real, where = found, host_uuid
                 break
-            real = real or "Absent"
+            real = real or ABSENT
         if real is None:
             state = s.STOPPED if fallback_failed_start and vm.state == s.STARTING else s.UNKNOWN
-        elif real == "Running":
+        elif real == s.RUNNING:
             state = s.RUNNING
-        elif vm.state == s.DESTROYING and real == "Absent":
+        elif vm.state == s.DESTROYING and real == ABSENT:
             state = s.DESTROYED
         else:
             state = s.STOPPED
-        values: dict[str, Any] = {"state": state, "target_host_uuid": None}
-        async with self.db.begin() as conn:
-            if state == s.RUNNING:
-                keep = where or vm.host_uuid
-                for other in {vm.host_uuid, vm.target_host_uuid} - {keep, None}:
-                    await self.hosts.release(conn, other, vm.cpu_num, vm.memory_size)
-                values["host_uuid"] = keep
-            elif state in (s.STOPPED, s.DESTROYED):
-                for held in {vm.host_uuid, vm.target_host_uuid} - {None}:
-                    await self.hosts.release(conn, held, vm.cpu_num, vm.memory_size)
-                values.update(host_uuid=None, last_host_uuid=vm.host_uuid or vm.last_host_uuid)
-            if await self.vms.cas(conn, vm.uuid, vm.version, **values) is None:
-                return
+        fresh = await self.vms.settle(vm, state, host_uuid=where)
+        if fresh is None:
+            return
         log.info("vm state reconciled with its agent", vm=vm.uuid, was=vm.state, now=state)
-        await self._event(vm.uuid, vm.state, state, values.get("host_uuid"))
-
-    async def _reconcile_loop(self) -> None:
-        """A pass on every ring change, and every ``node_timeout`` for what a pass could not
-        finish (an operation whose request timed out while it waited for its previous owner).
-        ``asyncio.timeout``, not ``wait_for``: on 3.11 the latter can swallow the cancellation
-        that ``stop`` sends when the event is set at the same moment, and ``stop`` would hang."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(self.ctx.settings.node_timeout, 1.0)):
-                    await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.reconcile_transient()
-            except asyncio.CancelledError:
-                raise
-            except ZStackError as exc:
-                log.warning("vm reconcile pass failed", error=exc.description)
-            except Exception:
-                log.exception("vm reconcile pass failed")
-            await asyncio.sleep(min(self.ctx.settings.heartbeat_interval, 1.0))
+        await self._event(vm.uuid, vm.state, state, fresh.host_uuid)
 
     async def reconcile_transient(self) -> int:
         """Finish every operation a node no longer in the ring left half-done on a VM this node
@@ -349,13 +347,13 @@ class VmInstanceService(Service):
             page = await self.vms.in_states(s.TRANSIENT, after, RECONCILE_PAGE)
             if not page:
                 return settled
-            after = page[-1].uuid
-            for row in page:
-                if not self.ctx.ring.is_mine(row.uuid) or self.ctx.is_fenced():
+            after = page[-1]
+            for uuid in page:
+                if not self.ctx.ring.is_mine(uuid) or self.ctx.is_fenced():
                     continue
-                async with self.chains.slot(row.uuid):
-                    vm = await self.vms.get(row.uuid)
-                    if vm is None or vm.state not in s.TRANSIENT or vm.op_id is None:
+                async with self.chains.slot(uuid):
+                    vm = await self.vms.get(uuid)
+                    if vm is None or not vm.state.transient or vm.op_id is None:
                         continue
                     if vm.op_node != self.ctx.node_uuid and vm.op_node in self.ctx.ring.nodes:
                         continue

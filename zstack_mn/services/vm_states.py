@@ -1,23 +1,26 @@
 """The VM state machine: which operation is allowed from which state, through which transient
-state, to which final state."""
+state, to which final state. The states themselves are ``zstack_mn.messages.states.VmState``;
+the names below are short aliases of its members for the code that reads the machine."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-CREATED, STARTING, RUNNING = "Created", "Starting", "Running"
-STOPPING, STOPPED, REBOOTING = "Stopping", "Stopped", "Rebooting"
-MIGRATING, DESTROYING, DESTROYED, UNKNOWN = "Migrating", "Destroying", "Destroyed", "Unknown"
+from zstack_mn.messages.states import TRANSIENT_VM_STATES, VmState
 
-TRANSIENT = (STARTING, STOPPING, REBOOTING, MIGRATING, DESTROYING)
+CREATED, STARTING, RUNNING = VmState.CREATED, VmState.STARTING, VmState.RUNNING
+STOPPING, STOPPED, REBOOTING = VmState.STOPPING, VmState.STOPPED, VmState.REBOOTING
+MIGRATING, DESTROYING, DESTROYED, UNKNOWN = VmState.MIGRATING, VmState.DESTROYING, VmState.DESTROYED, VmState.UNKNOWN
+
+TRANSIENT = TRANSIENT_VM_STATES
 
 
 @dataclass(frozen=True, slots=True)
 class Operation:
     agent_op: str
-    allowed_from: frozenset[str]
-    transient: str
-    final: str
+    allowed_from: frozenset[VmState]
+    transient: VmState
+    final: VmState
 
 
 OPERATIONS = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from fastapi import FastAPI, Header, Query, Request
@@ -28,6 +28,7 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from zstack_mn import __version__
 from zstack_mn.messages import ErrorCode, Message, ZStackError
 from zstack_mn.messages.api import (
     MAX_PAGE,
@@ -40,18 +41,20 @@ from zstack_mn.messages.api import (
     APIQueryVmInstanceMsg,
 )
 from zstack_mn.messages.envelope import validation_error
+from zstack_mn.messages.ids import request_id_for_key
 from zstack_mn.messages.rest import HOST_ACTIONS, VM_ACTIONS
-from zstack_mn.services.api_portal import ApiPortal, request_id_for_key
+from zstack_mn.services.api_portal import ApiPortal
 
 MAX_BODY_BYTES = 64 * 1024
 API_PREFIX = "/v1/"
 HANDLED_BY = "X-Handled-By"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def _params_of(api: type[Message]) -> type[BaseModel]:
     """The action's parameters: the API message's fields less the uuid (it is in the path)."""
     fields = {name: (f.annotation, f) for name, f in api.model_fields.items() if name != "uuid"}
-    return create_model(  # type: ignore[call-overload,no-any-return]
+    return create_model(  # type: ignore[call-overload,no-any-return]  # fields known only at import time
         f"{api.TARGET.__name__ if api.TARGET else api.__name__}Params",
         __config__=ConfigDict(
             alias_generator=api.model_config.get("alias_generator"), populate_by_name=True, extra="forbid"
@@ -60,21 +63,22 @@ def _params_of(api: type[Message]) -> type[BaseModel]:
     )
 
 
-def _action_body(name: str, actions: dict[str, type[Message]]) -> type[BaseModel]:
-    fields: dict[str, Any] = {key: (_params_of(api) | None, Field(None)) for key, api in actions.items()}
+class _OneAction(BaseModel):
+    """A body that names exactly one action (``{"startVmInstance": {}}``)."""
 
-    def exactly_one(self: BaseModel) -> BaseModel:
-        chosen = [k for k in actions if getattr(self, k) is not None]
-        if len(chosen) != 1:
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> Self:
+        actions = type(self).model_fields
+        if sum(getattr(self, k) is not None for k in actions) != 1:
             raise ValueError(f"give exactly one action of: {', '.join(actions)}")
         return self
 
-    return create_model(  # type: ignore[call-overload,no-any-return]
-        name,
-        __config__=ConfigDict(extra="forbid"),
-        __validators__={"exactly_one": model_validator(mode="after")(exactly_one)},
-        **fields,
-    )
+
+def _action_body(name: str, actions: dict[str, type[Message]]) -> type[_OneAction]:
+    fields: dict[str, Any] = {key: (_params_of(api) | None, Field(None)) for key, api in actions.items()}
+    return create_model(name, __base__=_OneAction, **fields)
 
 
 VmActionRequest = _action_body("VmActionRequest", VM_ACTIONS)
@@ -91,7 +95,7 @@ def _json(body: dict[str, Any], handled_by: str) -> Response:
 
 
 def error_response(err: ZStackError) -> JSONResponse:
-    return JSONResponse({"error": err.to_info().model_dump()}, status_code=err.code.http_status)  # type: ignore[attr-defined]
+    return JSONResponse({"error": err.to_info().model_dump()}, status_code=err.code.http_status)
 
 
 def _uuid(value: str, field: str = "uuid") -> str:
@@ -111,7 +115,7 @@ def create_app(
     call_timeout: float,
 ) -> FastAPI:
     """The FastAPI app of one node."""
-    app = FastAPI(title="zstack-mn", version="0.1.0", description="Management-node API (ZStack style REST).")
+    app = FastAPI(title="zstack-mn", version=__version__, description="Management-node API (ZStack style REST).")
 
     @app.exception_handler(ZStackError)
     async def _zstack_error(_: Request, exc: ZStackError) -> JSONResponse:
@@ -160,8 +164,8 @@ def create_app(
     key_header = Header(None, alias="Idempotency-Key", max_length=200)
 
     @app.post("/v1/vm-instances", tags=["vm"])
-    async def create_vm(body: CreateVmRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
-        return await run(body.params, key)  # type: ignore[attr-defined]
+    async def create_vm(body: CreateVmRequest, key: str | None = key_header) -> Response:
+        return await run(body.params, key)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
 
     @app.get("/v1/vm-instances", tags=["vm"])
     async def query_vms(
@@ -189,7 +193,7 @@ def create_app(
         return await get_one(APIQueryVmInstanceMsg, "vm", uuid)
 
     @app.put("/v1/vm-instances/{uuid}/actions", tags=["vm"])
-    async def vm_action(uuid: str, body: VmActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
+    async def vm_action(uuid: str, body: VmActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
         return await run(_action_message(uuid, body, VM_ACTIONS), key)
 
     @app.delete("/v1/vm-instances/{uuid}", tags=["vm"])
@@ -197,8 +201,8 @@ def create_app(
         return await run(build(APIDestroyVmInstanceMsg, {"uuid": _uuid(uuid)}), key)
 
     @app.post("/v1/hosts", tags=["host"])
-    async def add_host(body: AddHostRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
-        return await run(body.params, key)  # type: ignore[attr-defined]
+    async def add_host(body: AddHostRequest, key: str | None = key_header) -> Response:
+        return await run(body.params, key)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
 
     @app.get("/v1/hosts", tags=["host"])
     async def query_hosts(
@@ -220,7 +224,7 @@ def create_app(
         return await get_one(APIQueryHostMsg, "host", uuid)
 
     @app.put("/v1/hosts/{uuid}/actions", tags=["host"])
-    async def host_action(uuid: str, body: HostActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]
+    async def host_action(uuid: str, body: HostActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
         return await run(_action_message(uuid, body, HOST_ACTIONS), key)
 
     @app.delete("/v1/hosts/{uuid}", tags=["host"])
@@ -251,10 +255,12 @@ def create_app(
 
 
 class Gate:
-    """Before a request reaches the app: refuse a body over ``limit`` bytes (413) without reading
-    it, and, when a ``token`` is set, any ``/v1/`` request without ``Authorization: Bearer
-    <token>`` (401). Plain ASGI: Starlette's BaseHTTPMiddleware costs a task per request, and a
-    FastAPI dependency on every route costs more than the check."""
+    """Before a request reaches the app: refuse a body over ``limit`` bytes (413), by its
+    ``Content-Length`` without reading it, or, for a body sent without one (chunked), by reading
+    at most ``limit`` bytes of it before the app sees it; and, when a ``token`` is set, any
+    ``/v1/`` request without ``Authorization: Bearer <token>`` (401). Plain ASGI: Starlette's
+    BaseHTTPMiddleware costs a task per request, and a FastAPI dependency on every route costs
+    more than the check."""
 
     def __init__(self, app: Any, limit: int, token: str | None) -> None:
         self.app = app
@@ -264,18 +270,55 @@ class Gate:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             authorization = None
+            sized = False
             for name, value in scope.get("headers", ()):
-                if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
-                    err = ZStackError(ErrorCode.MESSAGE_TOO_LARGE, f"request body over {self.limit} bytes")
-                    await error_response(err)(scope, receive, send)
-                    return
-                if name == b"authorization":
+                if name == b"content-length":
+                    if not value.isdigit() or int(value) > self.limit:
+                        await error_response(self._too_large())(scope, receive, send)
+                        return
+                    sized = True
+                elif name == b"authorization":
                     authorization = value
             if self.expected is not None and scope["path"].startswith(API_PREFIX) and authorization != self.expected:
                 err = ZStackError(ErrorCode.UNAUTHORIZED, "a valid bearer token is required")
                 await error_response(err)(scope, receive, send)
                 return
+            if not sized and scope["method"] in BODY_METHODS:
+                body = await self._read_at_most(receive)
+                if body is None:
+                    await error_response(self._too_large())(scope, receive, send)
+                    return
+                receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+    def _too_large(self) -> ZStackError:
+        return ZStackError(ErrorCode.MESSAGE_TOO_LARGE, f"request body over {self.limit} bytes")
+
+    async def _read_at_most(self, receive: Any) -> bytes | None:
+        """The whole body of a request sent without a length; None once it passes the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives the app the body already read, then the connection's own events."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Any:
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 def _action_message(uuid: str, body: BaseModel, actions: dict[str, type[Message]]) -> Message:
@@ -284,5 +327,6 @@ def _action_message(uuid: str, body: BaseModel, actions: dict[str, type[Message]
         params = getattr(body, key)
         if params is not None:
             values = {name: getattr(params, name) for name in params.model_fields_set}
-            return api.model_construct({"uuid", *values}, uuid=_uuid(uuid), **values)
+            values["uuid"] = _uuid(uuid)
+            return api.model_construct(set(values), **values)
     raise ZStackError(ErrorCode.INVALID_ARGUMENT, "no action given")
