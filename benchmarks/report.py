@@ -117,6 +117,56 @@ def _b3(b: dict[str, Any]) -> list[str]:
 
 
 def _b4(b: dict[str, Any]) -> list[str]:
+    if "faults" not in b:
+        return _b4_before_issue_13(b)
+    st = b["settings"]
+    lines = [
+        f"## B4 — fail-over of one of {b['nodes']} nodes under load, every VM it affected, {b['rounds']} rounds a fault "
+        f"(heartbeat {st['heartbeatS']:g} s, node_timeout {st['nodeTimeoutS']:g} s, "
+        f"agent_timeout {st['agentTimeoutS']:g} s, call_timeout {st['callTimeoutS']:g} s)",
+        "",
+        "| fault | VMs (owned · in flight at the fault) | worst | p99 | p50 | target | not served | "
+        "worst in flight · idle | calls ok · non-retryable · failed · timed out · hung | rings agree after (worst round) | |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for fault, r in b["faults"].items():
+        c = r["calls"]
+        lines.append(
+            f"| {fault} | {r['vms']} ({r['ownedVms']} · {r['inFlightVms']}) | **{_s(r['worstS'])}** | {_s(r['p99S'])} | "
+            f"{_s(r['p50S'])} | ≤ {r['targetS']:g} s | {len(r['notServed'])} | "
+            f"{_s(r['worstInFlightS'])} · {_s(r['worstIdleS'])} | "
+            f"{c['ok']} · {c['definite']} · {c['failed']} · {c['timedOut']} · {c['hung']} | "
+            f"{_s(r['ringsAgreeS'])} | {verdict(r['met'])} |"
+        )
+    lines += [
+        "",
+        f"Each round: a cluster of its own, {b['hosts']} simulated hosts, {b['vmsTotal']} VMs, {b['workers']} HTTP "
+        "clients sending random start/stop/reboot to random VMs (every node before the fault, the survivors after "
+        "it), plus one probe per measured VM from the fault on; the fault comes when the victim has operations "
+        "under way. VM counts, percentiles and calls are over every round. A VM's time: from the fault to the first success or non-retryable "
+        "answer (INVALID_STATE counts) to a request sent after the fault. Measured: every VM the victim owned by "
+        "the ring before the fault, and every VM it had an operation in flight on. SIGSTOP is held until every "
+        f"VM is served (at least node_timeout + 1 s), then SIGCONT. Not served: no such answer within "
+        f"{b['serveCapS']:g} s. Hung: no answer by the call's deadline + {b['hungMarginS']:g} s. "
+        f"B4 took {b['seconds']:.0f} s.",
+        "",
+        "Slowest VMs (s; * had an operation in flight at the fault) and the worst VM of each round:",
+        "",
+    ]
+    for fault, r in b["faults"].items():
+        slow = ", ".join(f"{_s(v['servedS'], unit='')}{'*' if v['inFlight'] else ''}" for v in r["slowest"])
+        rounds = " · ".join(_s(w, unit="") for w in r["worstByRoundS"])
+        lines.append(f"* {fault}: {slow or '—'}; by round {rounds}; error codes: {codes(r['errorCodes'])}")
+    errors = samples(list(b["faults"].values()))
+    return [*lines, "", "First error of each code:", "", *errors, ""] if errors else [*lines, ""]
+
+
+def _s(value: float | None, unit: str = " s") -> str:
+    return "—" if value is None else f"{value:.2f}{unit}"
+
+
+def _b4_before_issue_13(b: dict[str, Any]) -> list[str]:
+    """B4 results written before it measured every VM (one row per fault, idle VMs only)."""
     lines = [
         "## B4 — fail-over of one of 3 nodes under load (default timings)",
         "",

@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from zstack_mn.agent.protocol import HostFacts, OpState, VmList, VmOp, VmStatus
+from zstack_mn.agent.protocol import FenceReply, FenceRequest, HostFacts, OpState, VmList, VmOp, VmStatus
 from zstack_mn.messages import ErrorCode, ZStackError
 
 T = TypeVar("T", bound=BaseModel)
@@ -131,6 +131,19 @@ class AgentClient:
         state = await self._request("GET", f"{agent_url}/ops/{op_id}", OpState)
         assert state is not None
         return state.state
+
+    async def raise_fence(self, agent_url: str, vm_uuid: str, fence: int, op_id: str | None = None) -> FenceReply:
+        """Make the agent refuse, from now on, every operation on ``vm_uuid`` whose fence is below
+        ``fence``, and learn in the same answer the state of ``op_id`` (the operation being taken
+        over), the operations on the VM still in flight, and the VM's state there (see
+        ``zstack_mn.agent.protocol``). A control call: it does not take a VM-operation slot.
+        Raising to the fence the agent already holds is accepted (repeat it to poll); a lower one
+        is refused with AGENT_ERROR, status 409 (another node holds a higher fence: it owns the VM)."""
+        reply = await self._request(
+            "POST", f"{agent_url}/vms/{vm_uuid}/fence", FenceReply, FenceRequest(fence=fence, op_id=op_id)
+        )
+        assert reply is not None
+        return reply
 
     async def list_vms(self, agent_url: str) -> VmList:
         listing = await self._request("GET", f"{agent_url}/vms", VmList)
