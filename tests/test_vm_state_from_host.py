@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.embedded import embedded_node
-from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.agent.protocol import AgentFault, VmPlacement
 from zstack_mn.client import Client
+from zstack_mn.db.vms import VmRepository
 from zstack_mn.messages import Event
 from zstack_mn.messages.events import VmStateChangedEvent
 from zstack_mn.messages.names import TOPIC_VM_STATE_CHANGED
@@ -115,3 +116,48 @@ async def test_the_owner_takes_a_report_that_applies(node: Node, transitions: Tr
         assert reply["inventory"]["state"] == "Unknown"
         assert reply["inventory"]["hostUuid"] == vm["hostUuid"]
         await transitions.wait(vm["uuid"], VmState.RUNNING, VmState.UNKNOWN)
+
+
+async def test_the_tracer_corrects_a_vm_changed_behind_the_nodes_back(tmp_path: Path):
+    async with embedded_node(tmp_path, vm_sync_interval=0.2) as traced:
+        assert traced.bus is not None
+        sim = traced.simulated_agent
+        assert sim is not None
+        seen = Transitions()
+        await traced.bus.subscribe(TOPIC_VM_STATE_CHANGED, seen.record)
+        async with Client.http(traced.http_url, timeout=15) as client:
+            vm = await client.create_vm("drifting", cpu_num=4, memory_size="64M")
+            where = sim.locate(vm["uuid"])
+            assert where is not None
+
+            sim.place(vm["uuid"], VmPlacement(host_id=where.host_id, state="Stopped"))
+            await seen.wait(vm["uuid"], VmState.RUNNING, VmState.STOPPED)
+            host = (await client.query_hosts(uuid=vm["hostUuid"]))["inventories"][0]
+            assert host["availableCpuCapacity"] == host["totalCpuCapacity"]
+
+            sim.place(vm["uuid"], VmPlacement(host_id=where.host_id, state="Running"))
+            await seen.wait(vm["uuid"], VmState.STOPPED, VmState.RUNNING)
+            after = (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]
+            assert after["hostUuid"] == vm["hostUuid"]
+            host = (await client.query_hosts(uuid=vm["hostUuid"]))["inventories"][0]
+            assert host["availableCpuCapacity"] == host["totalCpuCapacity"] - 4
+
+
+async def test_a_report_read_before_an_operation_is_stale_and_ignored(node: Node):
+    assert node.bus is not None
+    async with Client.http(node.http_url, timeout=15) as client:
+        vm = await client.create_vm("raced", cpu_num=1, memory_size="64M")
+        version_before = await vm_version(node, vm["uuid"])
+        await client.reboot_vm(vm["uuid"])
+        stale = VmStateChangedOnHostMsg(
+            uuid=vm["uuid"], host_uuid=vm["hostUuid"], state=VmState.STOPPED, version=version_before
+        )
+        assert await node.bus.call(stale) == {"changed": False}
+        assert (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]["state"] == "Running"
+
+
+async def vm_version(node: Node, uuid: str) -> int:
+    assert node.db is not None
+    vm = await VmRepository(node.db).get(uuid)
+    assert vm is not None
+    return vm.version

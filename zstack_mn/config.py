@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     agent_max_connections: int = Field(1_000, ge=1, le=100_000)
     host_ping_interval: float = Field(5.0, gt=0, le=3600)
     host_ping_failures: int = Field(2, ge=1, le=100)
+    vm_sync_interval: float = Field(30.0, gt=0, le=86400)
+    """How often each node compares the VMs of the hosts it owns with what their agents report."""
     embedded_agent: bool | None = None
     embedded_agent_port: int = Field(0, ge=0, le=65535)
 

@@ -8,10 +8,13 @@ Start: uuid4 → database (migrations under a lock) → bus connection → liven
 reply/event queues → service queues and the API queue → RUNNING + *joined* → heartbeat →
 service trackers → HTTP.
 
-Stop (``shutdown``, idempotent, safe before start), in this order so that a handler never runs
-on a closed pool and nothing queued is lost: HTTP stops accepting → stop consuming → wait for
-in-flight handlers (bounded by ``drain_timeout``) → stop trackers → LEAVING, out of every ring →
-re-route what is still queued for us → delete our row → close the bus, agents, database.
+Stop (``shutdown``, idempotent, safe before start), in this order so that the node's VMs are
+served by their new owners from the first moment, a handler never runs on a closed pool, and
+nothing queued is lost: HTTP stops accepting → stop consuming → LEAVING, out of every ring (peers
+route new work to the new owners, and leave what this node has in flight to it) → re-route what is
+queued for us → wait for in-flight handlers (bounded by ``drain_timeout``) → stop trackers →
+re-route again → delete our row → close the bus, agents, database. Queued work that no node can
+take (the last node is stopping) is refused to its callers with a retryable error.
 """
 
 from __future__ import annotations
@@ -166,11 +169,18 @@ class Node:
             self._stop.set()
 
     def _on_ring_changed(self, old: HashRing, new: HashRing) -> None:
-        """Calls waiting on a node that left go to the new owners; services recompute what they track."""
+        """Calls waiting on a node that left go to the new owners, but for a node that is draining
+        (it answers them itself); services recompute what they track."""
         if self.bus is not None:
-            self.bus.reroute_pending(new.nodes)
+            draining = self.membership.draining if self.membership is not None else set()
+            self.bus.reroute_pending(new.nodes | draining)
         for service in self.services:
             service.on_ring_changed()
+
+    def _on_drained(self) -> None:
+        """A draining node is gone: calls it held go to the new owners; services take over what it left."""
+        if self.ring is not None:
+            self._on_ring_changed(self.ring.ring, self.ring.ring)
 
     def request_stop(self) -> None:
         """Stop serving (SIGTERM/SIGINT); also ends a rejoin that is waiting to try again."""
@@ -230,6 +240,7 @@ class Node:
             services=self.service_names,
             http_address=http_address,
             on_evicted=self._on_evicted,
+            on_drained=self._on_drained,
         )
         await self.membership.join()
         await self.membership.reconcile()
@@ -245,6 +256,7 @@ class Node:
             is_fenced=lambda: membership.fenced,
             is_evicted=lambda: membership.evicted,
             heartbeat_written=membership.heartbeat_written,
+            is_draining=lambda node_uuid: node_uuid in membership.draining,
         )
         classes = [*BUILTIN_SERVICES, *plugin_services(), *self.extra_services]
         self.services = [cls(ctx) for cls in {c.name: c for c in classes}.values()]
@@ -307,6 +319,20 @@ class Node:
             await self.bus.stop_serving()
         self._stop.set()
 
+    async def _hand_over_queued(self) -> None:
+        """Re-route what is queued for this node to the new owners (or refuse it to its callers,
+        retryable, when no node is left); in-flight deliveries stay with this node until done."""
+        if self.bus is None or not self.services:
+            return
+        queues = self.bus.node_queues([svc.name for svc in self.services], self.uuid)
+        try:
+            moved = await rescue_queues(self.bus, queues, bound=self.settings.drain_timeout, ignore_consumers=True)
+        except Exception:
+            log.exception("could not re-route what is still queued for this node; its queues keep it")
+        else:
+            if moved:
+                log.info("re-routed messages still queued for this node", moved=moved)
+
     async def readiness(self) -> dict[str, bool]:
         db_ok = False
         if self.db is not None:
@@ -339,26 +365,19 @@ class Node:
             await self.http.stop()
         if self.bus is not None:
             await self.bus.stop_serving()
-            if not await self.bus.wait_idle(0 if self._evicted else s.drain_timeout):
-                log.warning("in-flight work did not finish within drain_timeout", drain_timeout=s.drain_timeout)
+        if self.membership is not None and self._started and not self._evicted:
+            await self.membership.begin_leave()
+        if self.ring is not None:
+            self.ring.remove(self.uuid)
+        await self._hand_over_queued()
+        if self.bus is not None and not await self.bus.wait_idle(0 if self._evicted else s.drain_timeout):
+            log.warning("in-flight work did not finish within drain_timeout", drain_timeout=s.drain_timeout)
         for service in [*reversed(self.services), *([self.portal] if self.portal else [])]:
             try:
                 await service.stop()
             except Exception:
                 log.exception("a service failed to stop; shutting down the rest", service=service.name)
-        if self.membership is not None and self._started and not self._evicted:
-            await self.membership.begin_leave()
-        if self.ring is not None:
-            self.ring.remove(self.uuid)
-        if self.bus is not None and self.services:
-            queues = self.bus.node_queues([svc.name for svc in self.services], self.uuid)
-            try:
-                moved = await rescue_queues(self.bus, queues, bound=s.drain_timeout, ignore_consumers=True)
-            except Exception:
-                log.exception("could not re-route what is still queued for this node; its queues keep it")
-            else:
-                if moved:
-                    log.info("re-routed messages still queued for this node", moved=moved)
+        await self._hand_over_queued()
         if self.membership is not None:
             await self.membership.stop(delete_row=True)
         if self.bus is not None:

@@ -19,9 +19,9 @@ A message that cannot be parsed gets an error reply (when it has a reply-to) and
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import enum
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -99,6 +99,16 @@ class _Pending:
     envelope: Envelope | None = None
     owner: str | None = None
     deadline: float = 0.0
+
+
+class Rescued(enum.Enum):
+    """What became of a message taken from a departed node's queue."""
+
+    MOVED = "moved"
+    REFUSED = "refused"
+    """No node could take it; its caller was told to retry."""
+    DROPPED = "dropped"
+    """Unreadable, expired, or with no caller to tell."""
 
 
 class CloudBus:
@@ -276,7 +286,7 @@ class CloudBus:
             if pending.waiters == 0 and self._pending.get(corr) is pending:
                 del self._pending[corr]
 
-    def reroute_pending(self, live: frozenset[str]) -> int:
+    def reroute_pending(self, live: Set[str]) -> int:
         """Re-send every call still waiting on a node that has left the ring to the new owner
         (same id: the first reply wins, the stale copy's reply is dropped as late), so callers do
         not wait for deliveries stuck on a dead or frozen node. Returns how many were re-sent."""
@@ -495,17 +505,29 @@ class CloudBus:
         if reply_to:
             await self._send_reply(reply_to, Envelope.reply_error(correlation_id or new_id(), error, self.node_uuid))
 
-    async def republish_raw(self, delivery: Delivery) -> bool:
-        """Route a rescued delivery to the owner it has now; False when it is unreadable or expired."""
+    async def republish_raw(self, delivery: Delivery) -> Rescued:
+        """Route a rescued delivery to the owner it has now. When no node can take it (the last
+        node is leaving) its caller gets a retryable error instead; what cannot be read, or has
+        no caller left to tell, is dropped (the caller logs it)."""
         try:
             env = decode(delivery.body, self.limits.max_message_bytes)
         except ZStackError:
-            return False
+            return Rescued.DROPPED
         if env.is_reply or env.ttl_ms is None:
             deadline = time.monotonic() + self.limits.call_timeout
         else:
             deadline = time.monotonic() + env.ttl_ms / 1000
-        with contextlib.suppress(ZStackError):
+        try:
             await self._route(env, deadline)
-            return True
-        return False
+            return Rescued.MOVED
+        except ZStackError as exc:
+            if env.is_reply or not env.reply_to or exc.code is ErrorCode.TIMEOUT:
+                return Rescued.DROPPED
+        refusal = ZStackError(
+            ErrorCode.NO_ROUTE, f"no management node can take {env.type} now; retry", messageId=env.id
+        )
+        try:
+            await self._send_reply_raw(env.reply_to, env.correlation_id, refusal)
+        except ZStackError:
+            return Rescued.DROPPED
+        return Rescued.REFUSED

@@ -14,7 +14,15 @@ class NodeJoinedEvent(Event):
     http_address: str = ""
 
 
+GRACEFUL_STOP = "graceful stop"
+"""The reason of a node that leaves by itself: it is still alive, draining what it has in flight."""
+
+
 class NodeLeftEvent(Event):
     TOPIC: ClassVar[str] = TOPIC_NODE_LEFT
     node_uuid: str
     reason: str
+
+    @property
+    def draining(self) -> bool:
+        return self.reason == GRACEFUL_STOP

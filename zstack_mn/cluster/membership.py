@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from zstack_mn.bus.cloudbus import CloudBus
-from zstack_mn.cluster.events import NodeJoinedEvent, NodeLeftEvent
+from zstack_mn.cluster.events import GRACEFUL_STOP, NodeJoinedEvent, NodeLeftEvent
 from zstack_mn.cluster.liveness import LivenessSession
 from zstack_mn.cluster.rescue import rescue_queues
 from zstack_mn.cluster.ring import HashRing, LiveRing
@@ -73,7 +73,10 @@ class Membership:
         services: Callable[[], list[str]],
         http_address: str = "",
         on_evicted: Callable[[], Awaitable[None]] | None = None,
+        on_drained: Callable[[], None] | None = None,
     ) -> None:
+        """``on_drained``: called when a node that left gracefully is gone (its row deleted or
+        evicted): the operations it was finishing are now for their new owners to take over."""
         self.node_uuid = node_uuid
         self.db = db
         self.bus = bus
@@ -82,6 +85,9 @@ class Membership:
         self.services = services
         self.http_address = http_address
         self.on_evicted = on_evicted
+        self.on_drained = on_drained
+        self.draining: set[str] = set()
+        """Nodes out of the ring that are still alive, finishing what they have in flight."""
         self.nodes = NodeRepository(db)
         self.liveness = LivenessSession(db, node_uuid, timeout=max(settings.heartbeat_interval, 1.0))
         self.last_success = time.monotonic()
@@ -192,6 +198,9 @@ class Membership:
         return await self.nodes.beat(self.node_uuid, digest)
 
     def _apply(self, rows: list[NodeRow]) -> None:
+        present = {r.uuid for r in rows}
+        leaving = {r.uuid for r in rows if r.state == LEAVING and r.uuid != self.node_uuid}
+        self._set_draining(leaving | (self.draining & present))
         running = {r.uuid for r in rows if r.state == RUNNING}
         if self.state == RUNNING:
             running.add(self.node_uuid)
@@ -200,6 +209,14 @@ class Membership:
         if self.ring.replace(running):
             log.info("ring reconciled from the table", nodes=len(running))
         self.bus.metrics.ring_size.set(len(self.ring.nodes))
+
+    def _set_draining(self, draining: set[str]) -> None:
+        gone = self.draining - draining
+        self.draining = draining
+        if gone:
+            log.info("draining nodes are gone; their operations are for their VMs' owners", nodes=sorted(gone))
+            if self.on_drained is not None:
+                self.on_drained()
 
     async def reconcile(self) -> None:
         """Rebuild the ring from the table now (also used when a destination turned out gone)."""
@@ -229,6 +246,7 @@ class Membership:
                     "evicted a dead node", dead=row.uuid, reason=reason, heartbeat_age=round(row.heartbeat_age, 2)
                 )
                 self.ring.remove(row.uuid)
+                self._set_draining(self.draining - {row.uuid})
                 task = asyncio.get_running_loop().create_task(self._rescue(row.uuid, reason))
                 self._rescues.add(task)
                 task.add_done_callback(self._rescues.discard)
@@ -248,7 +266,12 @@ class Membership:
             if event.node_uuid == self.node_uuid:
                 if self.state != LEAVING:
                     await self._handle_evicted()
-            elif self.ring.remove(event.node_uuid):
+                return
+            if event.draining:
+                self.draining.add(event.node_uuid)
+            else:
+                self._set_draining(self.draining - {event.node_uuid})
+            if self.ring.remove(event.node_uuid):
                 log.info("node left", left=event.node_uuid, reason=event.reason, ring=len(self.ring.nodes))
         self.bus.metrics.ring_size.set(len(self.ring.nodes))
 
@@ -270,7 +293,7 @@ class Membership:
             log.warning("could not mark the node LEAVING", error=str(exc))
         self.ring.remove(self.node_uuid)
         await self.reconcile()
-        await self.bus.publish(NodeLeftEvent(node_uuid=self.node_uuid, reason="graceful stop"))
+        await self.bus.publish(NodeLeftEvent(node_uuid=self.node_uuid, reason=GRACEFUL_STOP))
 
     async def stop(self, *, delete_row: bool) -> None:
         """Stop the heartbeat; delete our row if asked; release the liveness lock."""

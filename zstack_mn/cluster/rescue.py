@@ -14,7 +14,7 @@ import time
 
 import structlog
 
-from zstack_mn.bus.cloudbus import CloudBus
+from zstack_mn.bus.cloudbus import CloudBus, Rescued
 from zstack_mn.bus.transport import TransportDown
 
 log = structlog.get_logger(__name__)
@@ -37,11 +37,14 @@ async def _rescue_one(bus: CloudBus, queue: str, *, bound: float, ignore_consume
         try:
             while (got := await transport.take(queue)) is not None:
                 delivery, ack = got
-                if await bus.republish_raw(delivery):
+                outcome = await bus.republish_raw(delivery)
+                if outcome is Rescued.MOVED:
                     moved += 1
                     bus.metrics.rescued.inc()
+                elif outcome is Rescued.REFUSED:
+                    log.warning("no node can take a rescued message; its caller was told to retry", queue=queue)
                 else:
-                    log.warning("rescued message could not be re-routed; dropped", queue=queue)
+                    log.warning("rescued message unreadable, expired or without a caller; dropped", queue=queue)
                 await ack()
             status = await transport.queue_status(queue)
             if status is None:

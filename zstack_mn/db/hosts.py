@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, delete, exists, func, insert, select, true, update
+from sqlalchemy import RowMapping, and_, delete, exists, func, insert, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
@@ -20,7 +22,35 @@ HOST = HOST_TABLE
 VM = VM_TABLE
 
 
-def host_inventory(row: Any) -> HostInventory:
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    """One ``host`` row."""
+
+    uuid: str
+    name: str
+    agent_url: str
+    state: HostState
+    status: HostStatus
+    cpu_total: int
+    cpu_available: int
+    memory_total: int
+    memory_available: int
+    version: int
+    created_at: datetime | None
+    updated_at: datetime | None
+
+    @classmethod
+    def of(cls, mapping: RowMapping) -> HostRow:
+        values = {name: mapping[name] for name in _HOST_FIELDS}
+        values["state"] = HostState(values["state"])
+        values["status"] = HostStatus(values["status"])
+        return cls(**values)
+
+
+_HOST_FIELDS = tuple(f.name for f in fields(HostRow))
+
+
+def host_inventory(row: HostRow) -> HostInventory:
     return HostInventory(
         uuid=row.uuid,
         name=row.name,
@@ -34,6 +64,14 @@ def host_inventory(row: Any) -> HostInventory:
         create_date=row.created_at,
         last_op_date=row.updated_at,
     )
+
+
+class HostSeen(NamedTuple):
+    """What a tracker reads of a host."""
+
+    uuid: str
+    agent_url: str
+    status: HostStatus
 
 
 class HostRepository:
@@ -57,9 +95,10 @@ class HostRepository:
                 )
             )
 
-    async def get(self, uuid: str) -> Any | None:
+    async def get(self, uuid: str) -> HostRow | None:
         async with self.db.begin() as conn:
-            return (await conn.execute(select(HOST).where(HOST.c.uuid == uuid))).first()
+            row = (await conn.execute(select(HOST).where(HOST.c.uuid == uuid))).first()
+        return None if row is None else HostRow.of(row._mapping)
 
     async def exists(self, uuid: str) -> bool:
         return await self.get(uuid) is not None
@@ -135,8 +174,8 @@ class HostRepository:
             .values(cpu_available=HOST.c.cpu_available + cpu, memory_available=HOST.c.memory_available + memory)
         )
 
-    async def page(self, after: str, limit: int) -> list[Any]:
-        """Hosts in uuid order after ``after`` (for trackers paging through many hosts)."""
+    async def page(self, after: str, limit: int) -> list[HostSeen]:
+        """The hosts in uuid order after ``after`` (for trackers paging through many hosts)."""
         async with self.db.begin() as conn:
             rows = await conn.execute(
                 select(HOST.c.uuid, HOST.c.agent_url, HOST.c.status)
@@ -144,7 +183,7 @@ class HostRepository:
                 .order_by(HOST.c.uuid)
                 .limit(limit)
             )
-            return list(rows)
+            return [HostSeen(r.uuid, r.agent_url, HostStatus(r.status)) for r in rows]
 
     async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[HostInventory]]:
         cond = and_(*[getattr(HOST.c, k) == v for k, v in filters.items()]) if filters else true()
@@ -153,4 +192,4 @@ class HostRepository:
             rows = await conn.execute(
                 select(HOST).where(cond).order_by(HOST.c.created_at, HOST.c.uuid).limit(limit).offset(start)
             )
-            return int(total), [host_inventory(r) for r in rows]
+            return int(total), [host_inventory(HostRow.of(r._mapping)) for r in rows]

@@ -5,10 +5,10 @@ VM's owner calls them (the ``vmInstance`` service, inside the VM's chain)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import RowMapping, and_, func, insert, select, true, update
@@ -100,6 +100,19 @@ def vm_inventory(row: VmRow) -> VmInventory:
     )
 
 
+class VmSeen(NamedTuple):
+    """What a host tracker reads of a VM before it asks the host's agent."""
+
+    uuid: str
+    state: VmState
+    version: int
+    host_uuid: str | None
+
+
+class _Refused(Exception):
+    """Rolls back a settle whose host could not take the VM."""
+
+
 class VmRepository:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -131,27 +144,31 @@ class VmRepository:
         return None if row is None else VmRow.of(row._mapping)
 
     async def settle(self, vm: VmRow, state: VmState, host_uuid: str | None = None) -> VmRow | None:
-        """Set ``vm`` (as read, at its version) to ``state`` outside an operation, and give back
-        every host reservation the new state does not need, in one transaction. ``host_uuid``:
-        where a Running or Unknown VM is (default: its current host). None, writing nothing, when
-        the VM changed since it was read."""
+        """Set ``vm`` (as read, at its version) to ``state`` outside an operation, in one
+        transaction: give back every host reservation the new state does not need, and take one
+        on a host it now needs and did not hold (a VM found running where it was not placed).
+        ``host_uuid``: where a Running or Unknown VM is (default: its current host). None, writing
+        nothing, when the VM changed since it was read or that host cannot take it."""
         keep = (host_uuid or vm.host_uuid) if state in KEEPS_HOST else None
+        held = {vm.host_uuid, vm.target_host_uuid} - {None}
         values: dict[str, Any] = {"state": state, "host_uuid": keep, "target_host_uuid": None}
         if keep is None:
             values["last_host_uuid"] = vm.host_uuid or vm.last_host_uuid
-        async with self.db.begin() as conn:
-            fresh = await self.cas(conn, vm.uuid, vm.version, **values)
-            if fresh is None:
-                return None
-            for held in {vm.host_uuid, vm.target_host_uuid} - {keep, None}:
-                await HostRepository.release(conn, held, vm.cpu_num, vm.memory_size)
+        try:
+            async with self.db.begin() as conn:
+                fresh = await self.cas(conn, vm.uuid, vm.version, **values)
+                if fresh is None:
+                    return None
+                new_host = keep if keep not in held else None
+                if new_host is not None and not await HostRepository.reserve(
+                    conn, new_host, vm.cpu_num, vm.memory_size
+                ):
+                    raise _Refused
+                for other in held - {keep}:
+                    await HostRepository.release(conn, other, vm.cpu_num, vm.memory_size)
+        except _Refused:
+            return None
         return fresh
-
-    async def seconds_since_change(self, uuid: str) -> float | None:
-        """Seconds (database clock) since the row last changed; None when there is no row."""
-        async with self.db.begin() as conn:
-            row = (await conn.execute(select(self.db.age_seconds(VM.c.updated_at)).where(VM.c.uuid == uuid))).first()
-        return None if row is None else float(row[0])
 
     async def in_states(self, states: frozenset[VmState], after: str, limit: int) -> list[str]:
         """Uuids of VMs in ``states``, in uuid order after ``after`` (for paging)."""
@@ -161,18 +178,26 @@ class VmRepository:
             )
             return [r.uuid for r in rows]
 
-    async def on_host(
-        self, host_uuid: str, states: frozenset[VmState], after: str, limit: int
-    ) -> list[tuple[str, VmState]]:
-        """(uuid, state) of the VMs on ``host_uuid`` in ``states``, in uuid order after ``after``."""
+    async def on_host(self, host_uuid: str, states: frozenset[VmState], after: str, limit: int) -> list[VmSeen]:
+        """The VMs on ``host_uuid`` in ``states``, in uuid order after ``after``."""
         async with self.db.begin() as conn:
             rows = await conn.execute(
-                select(VM.c.uuid, VM.c.state)
+                select(VM.c.uuid, VM.c.state, VM.c.version, VM.c.host_uuid)
                 .where(VM.c.host_uuid == host_uuid, VM.c.state.in_(states), VM.c.uuid > after)
                 .order_by(VM.c.uuid)
                 .limit(limit)
             )
-            return [(r.uuid, VmState(r.state)) for r in rows]
+            return [VmSeen(r.uuid, VmState(r.state), r.version, r.host_uuid) for r in rows]
+
+    async def seen(self, uuids: Collection[str]) -> list[VmSeen]:
+        """The VMs among ``uuids`` that exist, wherever they are."""
+        if not uuids:
+            return []
+        async with self.db.begin() as conn:
+            rows = await conn.execute(
+                select(VM.c.uuid, VM.c.state, VM.c.version, VM.c.host_uuid).where(VM.c.uuid.in_(list(uuids)))
+            )
+            return [VmSeen(r.uuid, VmState(r.state), r.version, r.host_uuid) for r in rows]
 
     async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[VmInventory]]:
         cond = and_(*[getattr(VM.c, k) == v for k, v in filters.items()]) if filters else true()

@@ -57,13 +57,16 @@ class MigrateVmMsg(_VmMsg):
 class VmStateChangedOnHostMsg(Message):
     """Sent by a host's tracker to the VM's owner (ZStack's ``VmStateChangedOnHostMsg``): the
     VM's host reports it in ``state``, or, when the host is lost, it is ``Unknown``. The owner
-    decides, in the VM's chain; the host side never writes a VM."""
+    decides, in the VM's chain; the host side never writes a VM. ``version``: the VM's version
+    read before the host was asked; the report is stale, and ignored, once the VM has changed
+    since."""
 
     SERVICE: ClassVar[str] = VM
     RESOURCE_FIELD: ClassVar[str | None] = "uuid"
     uuid: ResourceUuid
     host_uuid: ResourceUuid
     state: Literal[VmState.RUNNING, VmState.STOPPED, VmState.UNKNOWN]
+    version: int | None = Field(None, ge=0)
 
 
 OPERATION_MESSAGES: dict[str, type[_VmMsg]] = {

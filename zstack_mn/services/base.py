@@ -68,6 +68,12 @@ class ServiceContext:
     is_evicted: Callable[[], bool] = lambda: False
     heartbeat_written: Callable[[], Awaitable[None]] = lambda: asyncio.sleep(FENCE_POLL)
     """Returns when the node next writes its heartbeat (what can end a fence)."""
+    is_draining: Callable[[str], bool] = lambda node_uuid: False
+    """True for a node that left the ring gracefully and is still finishing what it has in flight."""
+
+    def is_working(self, node_uuid: str) -> bool:
+        """The node may still act on what it began: in the ring, or draining after a graceful stop."""
+        return node_uuid in self.ring.nodes or self.is_draining(node_uuid)
 
 
 class Service:

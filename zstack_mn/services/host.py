@@ -12,7 +12,6 @@ of a lost host; the agent's state for the VMs of a host that is back), and the o
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,16 +38,15 @@ from zstack_mn.messages.host import (
     ReconnectHostMsg,
 )
 from zstack_mn.messages.ids import resource_uuid_for
-from zstack_mn.messages.states import VmState
-from zstack_mn.messages.vm import VmStateChangedOnHostMsg
 from zstack_mn.periodic import Periodic
 from zstack_mn.services.base import Service, ServiceContext, handles
+from zstack_mn.services.host_vms import HostVmSync
 
 log = structlog.get_logger(__name__)
 
 TRACKER_PAGE = 1000
 PING_CONCURRENCY = 64
-OWNER_CALLS = 64
+SYNC_CONCURRENCY = 16
 
 
 class HostService(Service):
@@ -58,13 +56,16 @@ class HostService(Service):
         super().__init__(ctx)
         self.hosts = HostRepository(ctx.db)
         self._failures: dict[str, int] = {}
-        self.vms = VmRepository(ctx.db)
+        self.vm_sync = HostVmSync(VmRepository(ctx.db), ctx.agents, ctx.bus)
         self._tracker = Periodic("host-tracker", self._track_once, ctx.settings.host_ping_interval)
+        self._tracer = Periodic("vm-tracer", self._trace_once, ctx.settings.vm_sync_interval, first_run_delayed=True)
 
     async def start(self) -> None:
         self._tracker.start()
+        self._tracer.start()
 
     async def stop(self) -> None:
+        await self._tracer.stop()
         await self._tracker.stop()
 
     def on_ring_changed(self) -> None:
@@ -156,7 +157,7 @@ class HostService(Service):
                     HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=CONNECTED)
                 )
                 log.info("host reconnected", host=uuid)
-                await self._report_vms(uuid, agent_url)
+                await self._sync(uuid, agent_url)
             return
         failures = self._failures[uuid] = self._failures.get(uuid, 0) + 1
         if failures < self.ctx.settings.host_ping_failures:
@@ -165,47 +166,28 @@ class HostService(Service):
         if previous not in (None, DISCONNECTED):
             await self.bus.publish(HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=DISCONNECTED))
             log.warning("host disconnected", host=uuid)
-            await self._tell_owners(uuid, frozenset({VmState.RUNNING}), lambda vm, state: VmState.UNKNOWN)
+            await self.vm_sync.host_lost(uuid)
 
-    async def _report_vms(self, host_uuid: str, agent_url: str) -> None:
-        """The states the agent of a host that answers again reports, to the owners of the VMs
-        the database has on it (a VM the agent does not list is Stopped)."""
+    async def _sync(self, uuid: str, agent_url: str) -> None:
         try:
-            real = {v.uuid: v.state for v in (await self.ctx.agents.list_vms(agent_url)).vms}
+            await self.vm_sync.sync(uuid, agent_url)
         except ZStackError as exc:
-            log.warning("cannot read the VM states of a reconnected host", host=host_uuid, error=exc.description)
-            return
+            log.warning("cannot read the VMs of a host from its agent", host=uuid, error=exc.description)
 
-        def reported(vm: str, state: VmState) -> VmState:
-            return VmState.RUNNING if real.get(vm) == VmState.RUNNING else VmState.STOPPED
+    async def _trace_once(self) -> None:
+        """Every connected host this node owns: its VMs as its agent sees them, to their owners."""
+        slots = asyncio.Semaphore(SYNC_CONCURRENCY)
 
-        await self._tell_owners(host_uuid, frozenset({VmState.RUNNING, VmState.UNKNOWN}), reported)
-
-    async def _tell_owners(
-        self, host_uuid: str, states: frozenset[VmState], new_state: Callable[[str, VmState], VmState]
-    ) -> None:
-        """For every VM on the host in ``states`` whose state should be ``new_state(vm, state)``,
-        a ``VmStateChangedOnHostMsg`` to the VM's owner, which changes it (page by page, at most
-        OWNER_CALLS at once, each within the call deadline)."""
-        slots = asyncio.Semaphore(OWNER_CALLS)
-        failed = 0
-
-        async def tell(vm: str, state: VmState) -> None:
-            nonlocal failed
-            async with slots:
-                try:
-                    await self.bus.call(VmStateChangedOnHostMsg(uuid=vm, host_uuid=host_uuid, state=state))
-                except ZStackError as exc:
-                    failed += 1
-                    log.warning("a VM's owner did not take its state from the host", vm=vm, error=exc.description)
+        async def trace(uuid: str, url: str) -> None:
+            async with slots, self.chains.serial(uuid):
+                if not self.ctx.is_fenced() and self.ctx.ring.is_mine(uuid):
+                    await self._sync(uuid, url)
 
         after = ""
-        while page := await self.vms.on_host(host_uuid, states, after, TRACKER_PAGE):
-            after = page[-1][0]
-            changes = [(vm, new) for vm, old in page if (new := new_state(vm, old)) != old]
-            await asyncio.gather(*(tell(vm, new) for vm, new in changes))
-        if failed:
-            log.warning("some VMs kept a state their host contradicts", host=host_uuid, vms=failed)
+        while page := await self.hosts.page(after, TRACKER_PAGE):
+            mine = [h for h in page if h.status == CONNECTED and self.ctx.ring.is_mine(h.uuid)]
+            await asyncio.gather(*(trace(h.uuid, h.agent_url) for h in mine))
+            after = page[-1].uuid
 
     async def _track_once(self) -> None:
         slots = asyncio.Semaphore(PING_CONCURRENCY)
@@ -217,10 +199,7 @@ class HostService(Service):
                 await self._ping_one(uuid, url)
 
         after = ""
-        while True:
-            page = await self.hosts.page(after, TRACKER_PAGE)
-            if not page:
-                return
-            mine = [(r.uuid, r.agent_url) for r in page if self.ctx.ring.is_mine(r.uuid)]
-            await asyncio.gather(*(ping(u, url) for u, url in mine), return_exceptions=True)
+        while page := await self.hosts.page(after, TRACKER_PAGE):
+            mine = [h for h in page if self.ctx.ring.is_mine(h.uuid)]
+            await asyncio.gather(*(ping(h.uuid, h.agent_url) for h in mine), return_exceptions=True)
             after = page[-1].uuid

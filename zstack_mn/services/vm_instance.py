@@ -44,8 +44,9 @@ log = structlog.get_logger(__name__)
 
 RECONCILE_PAGE = 500
 CREATE_ATTEMPTS = 3
-TAKEOVER_MARGIN_S = 1.0
-TAKEOVER_POLL_S = 0.2
+TAKEOVER_POLL_S = 0.05
+TAKEOVER_POLL_MAX_S = 0.5
+OTHER_NODE_MARGIN_S = 0.5
 ABSENT = "Absent"
 """What a VM is when no agent it may be on lists it."""
 
@@ -122,23 +123,27 @@ class VmInstanceService(Service):
 
     @handles(VmStateChangedOnHostMsg)
     async def state_changed_on_host(self, msg: VmStateChangedOnHostMsg, req: Request) -> dict[str, Any]:
-        """The VM's host reports it in ``msg.state`` (Unknown: the host is lost). Taken only for a
-        VM on that host and outside an operation (an operation settles its VM itself); Unknown
-        only for a Running VM. Capacity follows in the same transaction."""
+        """A host reports the VM in ``msg.state`` (Unknown: the host is lost). Taken outside an
+        operation only (an operation settles its VM itself), and only when the VM has not changed
+        since the report's ``version`` was read: for a VM on that host, any of the reported
+        states (Unknown only for a Running VM); for a VM on no host, Running there, with the
+        capacity taken if the host has room. Capacity follows in the same transaction."""
         vm = await self.vms.get(msg.uuid)
-        if (
-            vm is None
-            or vm.state.transient
-            or vm.host_uuid != msg.host_uuid
-            or vm.state == msg.state
-            or (msg.state == s.UNKNOWN and vm.state != s.RUNNING)
-        ):
+        if vm is None or vm.state.transient or (msg.version is not None and msg.version != vm.version):
             return {"changed": False}
-        fresh = await self.vms.settle(vm, msg.state)
+        if vm.host_uuid == msg.host_uuid:
+            applies = vm.state != msg.state and (msg.state != s.UNKNOWN or vm.state == s.RUNNING)
+        else:
+            applies = vm.host_uuid is None and msg.state == s.RUNNING and vm.state in (s.CREATED, s.STOPPED)
+        if not applies:
+            return {"changed": False}
+        fresh = await self.vms.settle(vm, msg.state, host_uuid=msg.host_uuid)
         if fresh is None:
+            if vm.host_uuid != msg.host_uuid:
+                log.warning("vm runs on a host that has no room for it; left as it is", vm=vm.uuid, host=msg.host_uuid)
             return {"changed": False}
         log.info("vm state taken from its host", vm=vm.uuid, was=vm.state, now=fresh.state, host=msg.host_uuid)
-        await self._event(vm.uuid, vm.state, fresh.state, msg.host_uuid)
+        await self._event(vm.uuid, vm.state, fresh.state, fresh.host_uuid)
         return {"changed": True, "inventory": vm_inventory(fresh).to_wire()}
 
     @handles(StartVmInstanceMsg)
@@ -168,16 +173,19 @@ class VmInstanceService(Service):
         op = s.OPERATIONS[name]
         await self.wait_unfenced(req)
         place = PLACE_TARGET if name == "migrate" else PLACE_HOST if name == "start" else None
-        t = await self.transitions.begin(
-            uuid,
-            op_id=req.envelope.id,
-            op_node=self.ctx.node_uuid,
-            allowed=op.allowed_from,
-            transient=op.transient,
-            final=op.final,
-            place=place,
-            only=target,
-        )
+        while True:
+            t = await self.transitions.begin(
+                uuid,
+                op_id=req.envelope.id,
+                op_node=self.ctx.node_uuid,
+                allowed=op.allowed_from,
+                transient=op.transient,
+                final=op.final,
+                place=place,
+                only=target,
+            )
+            if t.outcome is not Outcome.INVALID_STATE or t.vm is None or not await self._await_other_node(t.vm, req):
+                break
         vm = t.vm
         if t.outcome is Outcome.MISSING or vm is None:
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"vm {uuid} not found", uuid=uuid)
@@ -206,9 +214,10 @@ class VmInstanceService(Service):
             )
         if t.outcome is Outcome.RESUME:
             if vm.op_node != self.ctx.node_uuid:
-                await self._outlive_previous_call(vm, t.agent_url, req)
                 await self.wait_unfenced(req)
-                vm = await self._take_over(vm)
+                vm, applied = await self._take_over(vm, t.agent_url, req)
+                if applied:
+                    return await self._finish(vm, op)
         else:
             await self._event(uuid, t.previous, op.transient, vm.host_uuid)
         await self.wait_unfenced(req)
@@ -238,48 +247,68 @@ class VmInstanceService(Service):
         await self.wait_unfenced(req)
         return await self._finish(vm, op)
 
-    async def _outlive_previous_call(self, vm: VmRow, agent_url: str | None, req: Request) -> None:
-        """Before resuming an operation another node began, make sure that node's agent call
-        for it is over: a dead or frozen node's request may still be on its way to the agent,
-        and two requests about one VM in flight at once is dual ownership. Over when the agent
-        has applied the op id; otherwise wait (asking again) until the previous owner's call
-        deadline, ``agent_timeout`` after the operation began in database time, has passed."""
-        if agent_url is None or vm.op_id is None:
-            return
-        since = await self.vms.seconds_since_change(vm.uuid)
-        window_end = time.monotonic() + self.ctx.settings.agent_timeout + TAKEOVER_MARGIN_S - (since or 0.0)
-        req_end = req.deadline
-        waited = False
-        while (left := window_end - time.monotonic()) > 0:
-            try:
-                if await self.ctx.agents.op_state(agent_url, vm.op_id) == OP_APPLIED:
-                    return
-            except ZStackError:
-                pass
-            if req_end is not None and req_end - time.monotonic() < left:
-                raise ZStackError(
-                    ErrorCode.TIMEOUT,
-                    f"vm {vm.uuid}: the previous owner's agent call may still be running for {left:.1f}s; retry",
-                    uuid=vm.uuid,
-                )
-            if not waited:
-                log.info(
-                    "waiting out the previous owner's agent call",
-                    vm=vm.uuid,
-                    seconds=round(left, 2),
-                    previous=vm.op_node,
-                )
-                waited = True
-            await asyncio.sleep(min(TAKEOVER_POLL_S, left))
+    async def _await_other_node(self, vm: VmRow, req: Request) -> bool:
+        """When ``vm`` is in the middle of an operation of another node that is still working (a
+        node that is draining after a graceful stop, or a moment of ring disagreement), wait for
+        that operation to end, as this node's own chain would for its own: True once the VM has
+        changed (begin again), False when there is nothing to wait for or the wait ran out."""
+        if not vm.state.transient or vm.op_node in (None, self.ctx.node_uuid):
+            return False
+        assert vm.op_node is not None
+        deadline = time.monotonic() + self.ctx.settings.agent_timeout + OTHER_NODE_MARGIN_S
+        if req.deadline is not None:
+            deadline = min(deadline, req.deadline - OTHER_NODE_MARGIN_S)
+        delay = TAKEOVER_POLL_S
+        while self.ctx.is_working(vm.op_node) and time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, TAKEOVER_POLL_MAX_S)
+            now = await self.vms.get(vm.uuid)
+            if now is None or now.version != vm.version:
+                return True
+        return False
 
-    async def _take_over(self, vm: VmRow) -> VmRow:
-        """Make this node the operation's node: a compare-and-set that raises the VM's version,
-        which is the fence the agent call carries, so the previous node's late call is refused."""
+    async def _take_over(self, vm: VmRow, agent_url: str | None, req: Request) -> tuple[VmRow, bool]:
+        """Make this node the node of an operation another node began, fence first: a
+        compare-and-set that raises the VM's version (the fence its agent calls carry) and names
+        this node, then the same fence raised at the VM's agent. From the raise on, the agent
+        refuses every request of the previous node that has not reached its commit point; this
+        node waits only for one the agent reports past it (in flight), never for the previous
+        node's call deadline. Returns the VM and whether the agent has applied the operation
+        already (nothing left to send)."""
         async with self.db.begin() as conn:
             fresh = await self.vms.cas(conn, vm.uuid, vm.version, op_node=self.ctx.node_uuid)
         if fresh is None:
             raise ZStackError(ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} changed concurrently; retry")
-        return fresh
+        applied = agent_url is not None and await self._raise_fence(fresh, agent_url, req)
+        log.info("took over an operation", vm=vm.uuid, previous=vm.op_node, op=vm.op_id, fence=fresh.version)
+        return fresh, applied
+
+    async def _raise_fence(self, vm: VmRow, agent_url: str, req: Request) -> bool:
+        """Raise the VM's fence at its agent to ``vm.version``; repeat the raise (it is
+        idempotent) while the agent reports an operation on the VM that may still act, within
+        the request's deadline. True when the agent has applied the operation being taken over."""
+        deadline = req.deadline if req.deadline is not None else time.monotonic() + self.ctx.settings.call_timeout
+        delay = TAKEOVER_POLL_S
+        while True:
+            try:
+                reply = await self.ctx.agents.raise_fence(agent_url, vm.uuid, vm.version, vm.op_id)
+            except ZStackError as exc:
+                if exc.details.get("status") == 409:
+                    raise ZStackError(
+                        ErrorCode.CONCURRENT_MODIFICATION, f"vm {vm.uuid} was taken over by another node; retry"
+                    ) from None
+                raise
+            if not reply.in_flight:
+                return reply.op_state == OP_APPLIED
+            left = deadline - time.monotonic()
+            if left <= delay:
+                raise ZStackError(
+                    ErrorCode.TIMEOUT,
+                    f"vm {vm.uuid}: the previous node's operation is still running at the agent; retry",
+                    uuid=vm.uuid,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, TAKEOVER_POLL_MAX_S)
 
     async def _finish(self, vm: VmRow, op: s.Operation) -> dict[str, Any]:
         """Transient → final, with the capacity bookkeeping of ``op`` and the op record, in one
@@ -355,7 +384,7 @@ class VmInstanceService(Service):
                     vm = await self.vms.get(uuid)
                     if vm is None or not vm.state.transient or vm.op_id is None:
                         continue
-                    if vm.op_node != self.ctx.node_uuid and vm.op_node in self.ctx.ring.nodes:
+                    if vm.op_node not in (None, self.ctx.node_uuid) and self.ctx.is_working(vm.op_node):
                         continue
                     name = s.OPERATION_OF_TRANSIENT[vm.state]
                     msg = OPERATION_MESSAGES[name](uuid=vm.uuid)
