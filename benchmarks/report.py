@@ -1,5 +1,5 @@
 """The markdown table of a benchmark run: one section per scenario that ran, targets beside the
-measured figures where BENCH.md sets one."""
+measured figures where docs/BENCH.md sets one."""
 
 from __future__ import annotations
 

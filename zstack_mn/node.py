@@ -10,7 +10,7 @@ service trackers → HTTP.
 
 Stop (``shutdown``, idempotent, safe before start), in this order so that the node's VMs are
 served by their new owners from the first moment, a handler never runs on a closed pool, and
-nothing queued is lost: HTTP stops accepting → stop consuming → LEAVING, out of every ring (peers
+nothing queued is lost: HTTP stops accepting (its requests in progress go on) → stop consuming → LEAVING, out of every ring (peers
 route new work to the new owners, and leave what this node has in flight to it) → re-route what is
 queued for us → wait for in-flight handlers (bounded by ``drain_timeout``) → stop trackers →
 re-route again → delete our row → close the bus, agents, database. Queued work that no node can
@@ -361,8 +361,7 @@ class Node:
     async def _shutdown(self) -> None:
         s = self.settings
         log.info("node stopping", evicted=self._evicted)
-        if self.http is not None:
-            await self.http.stop()
+        http_stopped = asyncio.ensure_future(self.http.stop()) if self.http is not None else None
         if self.bus is not None:
             await self.bus.stop_serving()
         if self.membership is not None and self._started and not self._evicted:
@@ -372,6 +371,8 @@ class Node:
         await self._hand_over_queued()
         if self.bus is not None and not await self.bus.wait_idle(0 if self._evicted else s.drain_timeout):
             log.warning("in-flight work did not finish within drain_timeout", drain_timeout=s.drain_timeout)
+        if http_stopped is not None:
+            await http_stopped
         for service in [*reversed(self.services), *([self.portal] if self.portal else [])]:
             try:
                 await service.stop()

@@ -3,7 +3,8 @@
 Routing (ZStack's rules):
 
 * a message naming a resource goes to ``<service>.<owner>`` with ``owner = ring.owner_of(uuid)``;
-* a creational / non-resource message goes to the sending node itself;
+* a creational message carries the uuid of the resource it creates (the portal derives it from
+  the request id), so it is routed the same way; a non-resource message goes to the sending node;
 * an API message (service ``api``) goes to the shared ``api.portal`` queue.
 
 A node that receives a resource message it does not own forwards it (receiver check, bounded by

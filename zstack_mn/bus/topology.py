@@ -1,4 +1,5 @@
-"""Every queue, exchange and topic name of the cluster, in one place.
+"""Every queue and exchange name of the cluster, in one place (the topics and the API service
+name, which other layers share, are in ``zstack_mn.messages.names``).
 
 | thing | name | kind |
 | --- | --- | --- |

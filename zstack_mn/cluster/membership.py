@@ -1,6 +1,6 @@
 """Membership: join, heartbeat, the ring, eviction, fencing and rescue.
 
-Protocol (see ARCHITECTURE.md):
+Protocol (docs/ARCHITECTURE.md has the whole picture):
 
 * join: liveness lock → row JOINING → (node declares queues, consumes) → RUNNING → *joined* event;
 * every ``heartbeat_interval`` (a timer without drift or overlap): probe the broker, and only if
@@ -292,8 +292,8 @@ class Membership:
         except ZStackError as exc:
             log.warning("could not mark the node LEAVING", error=str(exc))
         self.ring.remove(self.node_uuid)
-        await self.reconcile()
         await self.bus.publish(NodeLeftEvent(node_uuid=self.node_uuid, reason=GRACEFUL_STOP))
+        await self.reconcile()
 
     async def stop(self, *, delete_row: bool) -> None:
         """Stop the heartbeat; delete our row if asked; release the liveness lock."""

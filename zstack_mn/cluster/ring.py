@@ -3,7 +3,7 @@
 Rendezvous (highest-random-weight) hashing over node uuids: the owner of a key is the node with
 the highest keyed-BLAKE2b score. Deterministic across processes, no virtual nodes, and moving a
 node moves only the keys it owned or wins. Measured for 100,000 random uuids (``python -m
-benchmarks ring``): largest share ≤ 1.02× fair at 2–10 nodes, moved fraction = ideal. uhashring,
+benchmarks b5``): largest share ≤ 1.02× fair at 2–10 nodes, moved fraction = ideal. uhashring,
 the first choice, stayed above the 1.05× target up to 2,000 virtual nodes (1.06–1.07×), so it is
 kept only as the benchmark's comparison.
 

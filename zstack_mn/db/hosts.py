@@ -133,21 +133,6 @@ class HostRepository:
             result = await conn.execute(delete(HOST).where(HOST.c.uuid == uuid, ~in_use))
             return result.rowcount == 1
 
-    async def candidates(self, cpu: int, memory: int, limit: int = 8) -> list[str]:
-        async with self.db.begin() as conn:
-            rows = await conn.execute(
-                select(HOST.c.uuid)
-                .where(
-                    HOST.c.state == ENABLED,
-                    HOST.c.status == CONNECTED,
-                    HOST.c.cpu_available >= cpu,
-                    HOST.c.memory_available >= memory,
-                )
-                .order_by(HOST.c.memory_available.desc())
-                .limit(limit)
-            )
-            return [r.uuid for r in rows]
-
     @staticmethod
     async def reserve(conn: AsyncConnection, host_uuid: str, cpu: int, memory: int) -> bool:
         """Take capacity atomically; False when the host lacks it or cannot take VMs."""

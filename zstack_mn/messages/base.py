@@ -3,7 +3,8 @@
 A message type is a pydantic model subclassing ``Message`` (a request to a service) or
 ``Event`` (broadcast on the event exchange). Its class name is its type name on the wire.
 ``RESOURCE_FIELD`` names the field holding the uuid the ring routes by; without it the
-message is handled by the sending node (creational / non-resource messages).
+message is handled by the sending node (non-resource messages). A creational message names the
+uuid of the resource it creates, so it is routed like the others.
 
     class StartVmInstanceMsg(Message):
         SERVICE = "vmInstance"; RESOURCE_FIELD = "uuid"

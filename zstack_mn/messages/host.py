@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from zstack_mn.messages.base import Message, ResourceUuid
-from zstack_mn.messages.types import ByteSize, Name
+from zstack_mn.messages.types import Name
 
 HOST = "host"
 
@@ -43,17 +43,9 @@ class DeleteHostMsg(Message):
 
 
 class PingHostMsg(Message):
-    """Sent by a host's tracker to the host's owner."""
+    """Ping a host now, on its owner, and mark it Connected or Disconnected (for an operator or a
+    test: the tracker pings the hosts its node owns directly)."""
 
     SERVICE: ClassVar[str] = HOST
     RESOURCE_FIELD: ClassVar[str | None] = "uuid"
     uuid: ResourceUuid
-
-
-class AllocateHostMsg(Message):
-    """Reserve capacity on a host (non-resource: handled by the sender's own node)."""
-
-    SERVICE: ClassVar[str] = HOST
-    cpu_num: int = Field(ge=1, le=1024)
-    memory_size: ByteSize
-    preferred_host_uuid: ResourceUuid | None = None

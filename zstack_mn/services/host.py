@@ -31,7 +31,6 @@ from zstack_mn.messages.events import HostStatusChangedEvent
 from zstack_mn.messages.host import (
     HOST,
     AddHostMsg,
-    AllocateHostMsg,
     ChangeHostStateMsg,
     DeleteHostMsg,
     PingHostMsg,
@@ -117,20 +116,6 @@ class HostService(Service):
         if not await self.hosts.exists(msg.uuid):
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"host {msg.uuid} not found", uuid=msg.uuid)
         raise ZStackError(ErrorCode.HOST_IN_USE, f"host {msg.uuid} still has VMs; destroy or migrate them first")
-
-    @handles(AllocateHostMsg)
-    async def allocate(self, msg: AllocateHostMsg, req: Request) -> dict[str, Any]:
-        """Candidate hosts with room for the VM, best first; the caller reserves atomically."""
-        found = await self.hosts.candidates(msg.cpu_num, msg.memory_size)
-        if msg.preferred_host_uuid in found:
-            found.remove(msg.preferred_host_uuid)
-            found.insert(0, msg.preferred_host_uuid)
-        if not found:
-            raise ZStackError(
-                ErrorCode.NO_CAPACITY,
-                f"no connected, enabled host has {msg.cpu_num} CPUs and {msg.memory_size} bytes free",
-            )
-        return {"candidates": found}
 
     @handles(PingHostMsg)
     async def ping(self, msg: PingHostMsg, req: Request) -> dict[str, Any]:
