@@ -1,1 +1,1 @@
-"""Benchmarks B1–B6 of BENCH.md: ``python -m benchmarks [b1 b2 b3 b4 b5 b6]``."""
+"""Benchmarks B1–B8 of docs/BENCH.md: ``python -m benchmarks [b1 … b8]``."""

@@ -1,6 +1,7 @@
-"""``python -m benchmarks [b1 … b8] [--seconds S] [--quick]``: run the BENCH.md scenarios against
-the real RabbitMQ and PostgreSQL (a fresh vhost and database per run, removed afterwards), write
-JSON and a markdown table under ``benchmarks/results/``, and leave nothing running."""
+"""``python -m benchmarks [b1 … b8] [--seconds S] [--quick]``: run the scenarios of
+docs/BENCH.md against the real RabbitMQ and PostgreSQL (a fresh vhost and database per run,
+removed afterwards), write JSON and a markdown table under ``benchmarks/results/``, and leave
+nothing running."""
 
 from __future__ import annotations
 

@@ -109,11 +109,13 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
             proc.kill()
             proc.wait()
     results: dict[str, Any] = {}
-    for c, kinds in samples.items():
-        row = {kind: sorted(runs, key=lambda r: r["callsPerSecond"])[len(runs) // 2] for kind, runs in kinds.items()}
+    for point, kinds in samples.items():
+        row: dict[str, Any] = {
+            kind: sorted(runs, key=lambda r: r["callsPerSecond"])[len(runs) // 2] for kind, runs in kinds.items()
+        }
         row["ratio"] = round(row["bus"]["callsPerSecond"] / max(row["raw"]["callsPerSecond"], 1e-9), 3)
         row["rounds"] = {kind: [r["callsPerSecond"] for r in runs] for kind, runs in kinds.items()}
-        results[c] = row
+        results[point] = row
     return {"concurrency": results}
 
 

@@ -3,9 +3,9 @@ nodes, at c = 1, 16, 64 and 256, each beside the raw aio-pika request/reply rate
 same run at the same concurrency.
 
 Every worker flips its own VM (the pool holds at least two VMs per worker), so operations on one
-VM never overlap and every call is a valid transition. The targets (BENCH.md): ≥ 0.4× raw through
-HTTP on 1 node, ≥ 0.5× through ``api.portal``, p99 ≤ 4× p50, and throughput not falling as
-concurrency rises."""
+VM never overlap and every call is a valid transition. The targets (docs/BENCH.md): ≥ 0.4× raw
+through HTTP on 1 node, ≥ 0.5× through ``api.portal``, p99 ≤ 4× p50, and throughput not falling
+as concurrency rises."""
 
 from __future__ import annotations
 
@@ -14,18 +14,16 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
-
-import aiohttp
 
 from benchmarks.b1_bus import raw_client, start_server
 from benchmarks.cluster_util import Toggler, cluster, make_vms
 from benchmarks.common import LoadResult
 from zstack_mn.client import Client
-from zstack_mn.testing.cluster import ClusterHarness, free_port
+from zstack_mn.testing.cluster import ClusterHarness, free_port, spawn, wait_http
 
 CONCURRENCY = (1, 16, 64, 256)
 NODE_COUNTS = (1, 3)
@@ -115,7 +113,7 @@ async def amqp_sweep(h: ClusterHarness, url: str, toggler: Toggler, seconds: flo
 async def measure_embedded(seconds: float) -> LoadResult:
     """The embedded node as a newcomer runs it (``zstack-mn start`` with no broker or database
     configured: in-process bus, SQLite, the simulated agent with its default host), at c = 16."""
-    workdir = tempfile.mkdtemp(prefix="zstack-bench-embedded-")
+    workdir = Path(tempfile.mkdtemp(prefix="zstack-bench-embedded-"))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ZSTACK_MN_")}
     env.update(
@@ -123,46 +121,21 @@ async def measure_embedded(seconds: float) -> LoadResult:
         ZSTACK_MN_DATABASE_URL=f"sqlite:///{workdir}/mn.db",
         ZSTACK_MN_LOG_LEVEL="warning",
     )
-    proc = subprocess.Popen(  # noqa: ASYNC220 - Popen returns at once; nothing here waits on the child
-        [sys.executable, "-m", "zstack_mn", "start"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    node = spawn("embedded", ["start"], env, workdir / "node.log", port)
     try:
-        await _wait_ready(url, proc)
-        async with Client.http([url], timeout=CALL_TIMEOUT) as client:
+        await wait_http(node, "/readyz", EMBEDDED_START_S)
+        async with Client.http([node.url], timeout=CALL_TIMEOUT) as client:
             vms = [await client.create_vm(f"embedded-{i}", cpu_num=1, memory_size="64M") for i in range(EMBEDDED_VMS)]
             toggler = Toggler(vms)
             return await window_load(lambda i: toggler.flip(client), EMBEDDED_C, seconds)
     finally:
-        proc.terminate()
+        node.popen.terminate()
         try:
-            proc.wait(15)
+            node.popen.wait(15)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            node.popen.kill()
+            node.popen.wait()
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-async def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + EMBEDDED_START_S
-    async with aiohttp.ClientSession() as http:
-        while loop.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the embedded node exited with {proc.returncode}")
-            try:
-                async with http.get(f"{url}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"the embedded node was not ready within {EMBEDDED_START_S:g}s")
 
 
 def _spread(toggler: Toggler, clients: list[Client]) -> Callable[[int], Awaitable[Any]]:

@@ -4,7 +4,7 @@ seconds, errors by code, each node's share (by the X-Handled-By header) and the 
 of one VM (p50/p99/max, from sending its request to its answer, at CONCURRENCY requests open).
 
 Every simulated host gets the agent's capacity, sized so that a single host holds every VM
-(1 CPU, 16M each). Target (BENCH.md): ≤ 30 s, 0 errors, with 1 host and with 100 hosts."""
+(1 CPU, 16M each). Target (docs/BENCH.md): ≤ 30 s, 0 errors, with 1 host and with 100 hosts."""
 
 from __future__ import annotations
 

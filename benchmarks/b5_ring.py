@@ -5,21 +5,17 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 from uhashring import HashRing as UHashRing
 
 from zstack_mn.cluster.ring import HashRing
+from zstack_mn.testing.uuids import seeded_uuids
 
 KEYS = 100_000
 SIZES = range(2, 11)
 STEPS = 3
-
-
-def _ids(rnd: random.Random, n: int) -> list[str]:
-    return [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(n)]
 
 
 def _measure(make: Callable[[list[str]], Callable[[str], str]], keys: list[str], seed: int) -> dict[str, Any]:
@@ -27,7 +23,7 @@ def _measure(make: Callable[[list[str]], Callable[[str], str]], keys: list[str],
     worst_share, worst_moved, per_n = 0.0, 0.0, {}
     lookup_us = 0.0
     for n in SIZES:
-        nodes = _ids(rnd, n + 1)
+        nodes = seeded_uuids(rnd, n + 1)
         small, big = make(nodes[:-1]), make(nodes)
         counts: dict[str, int] = {}
         t0 = time.perf_counter()
@@ -48,7 +44,7 @@ def _measure(make: Callable[[list[str]], Callable[[str], str]], keys: list[str],
 
 
 async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str, Any]:
-    keys = _ids(random.Random(1), KEYS)
+    keys = seeded_uuids(random.Random(1), KEYS)
     out = {"rendezvous (zstack-mn)": _measure(lambda nodes: HashRing(nodes).owner_of, keys, 7)}
     progress.update(1)
     out["uhashring default (160 vnodes)"] = _measure(lambda nodes: UHashRing(nodes=nodes).get_node, keys, 7)

@@ -26,7 +26,7 @@ async def seed(database_url: str, count: int) -> None:
     try:
         async with db.begin() as conn:
             await conn.execute(
-                insert(Host.__table__).values(
+                insert(Host).values(
                     uuid=host,
                     name="seed",
                     agent_url="http://127.0.0.1:9/hosts/seed",
@@ -53,10 +53,10 @@ async def seed(database_url: str, count: int) -> None:
                     }
                 )
                 if len(batch) == 5000:
-                    await conn.execute(insert(VmInstance.__table__), batch)
+                    await conn.execute(insert(VmInstance), batch)
                     batch = []
             if batch:
-                await conn.execute(insert(VmInstance.__table__), batch)
+                await conn.execute(insert(VmInstance), batch)
     finally:
         await db.close()
 

@@ -7,7 +7,7 @@ is the broker's. Reported: wall time, failed calls by code, the target wall time
 2·L + N ÷ rate (rate: B2's 1-node HTTP ops/s at c=16 of the same run, else a 3 s start/stop load
 at c=16 measured here), the node's peak messages in flight (``zstack_messages_in_flight``), and
 its RSS growth (peak minus just before the burst, sampled every SAMPLE_S) per in-flight message
-and per operation. Targets (BENCH.md): wall ≤ the target, 0 failed, ≤ 20 KB RSS per in-flight
+and per operation. Targets (docs/BENCH.md): wall ≤ the target, 0 failed, ≤ 20 KB RSS per in-flight
 operation."""
 
 from __future__ import annotations

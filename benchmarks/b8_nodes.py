@@ -17,7 +17,7 @@ Nodes run with default-ish timings (heartbeat 2 s, node_timeout 10 s) and a data
   uuids, each message looking its uuid up LOOKUPS_PER_MESSAGE times, and ``HashRing.owner_of``
   once per distinct uuid.
 
-Targets (BENCH.md): 0 failed calls, no false eviction, rings agree within one heartbeat, peak
+Targets (docs/BENCH.md): 0 failed calls, no false eviction, rings agree within one heartbeat, peak
 database connections ≤ 80."""
 
 from __future__ import annotations
@@ -26,19 +26,19 @@ import asyncio
 import random
 import signal
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import httpx
 
-from benchmarks.cluster_util import Failures, Toggler, cluster, log_events, make_vms, metric
+from benchmarks.cluster_util import Failures, Toggler, cluster, make_vms, metric
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.testing import servers
-from zstack_mn.testing.cluster import ClusterHarness, Proc
+from zstack_mn.testing.cluster import ClusterHarness, Proc, log_events
+from zstack_mn.testing.uuids import seeded_uuids
 
 NODES = 30
 QUICK_NODES = 10
@@ -107,8 +107,7 @@ async def grow_to(h: ClusterHarness, total: int) -> None:
     """Start nodes BATCH at a time until ``total`` are alive and every ring agrees."""
     while len(alive(h)) < total:
         await h.start_nodes(min(BATCH, total - len(alive(h))))
-    expected = {n.uuid for n in alive(h)}
-    await h.wait_until(lambda: h.rings_agree(expected), AGREE_DEADLINE_S, f"{total} rings agree", interval=0.5)
+    await h.wait_rings_agree(alive(h), AGREE_DEADLINE_S, f"{total} rings agree", interval=0.5)
 
 
 def alive(h: ClusterHarness) -> list[Proc]:
@@ -238,7 +237,7 @@ async def steady_load(h: ClusterHarness, seconds: float) -> dict[str, Any]:
 
 
 def false_evictions(h: ClusterHarness, stopped: set[str]) -> dict[str, Any]:
-    records = [r for n in h.nodes for r in log_events(n, EVICTION_EVENT)]
+    records = log_events(h.nodes, EVICTION_EVENT)
     false = [r.get("dead", "?") for r in records if r.get("dead") not in stopped]
     return {"evictions": len(records), "falseEvictions": len(false), "falselyEvicted": sorted(set(false))}
 
@@ -246,8 +245,8 @@ def false_evictions(h: ClusterHarness, stopped: set[str]) -> dict[str, Any]:
 def lookup_cost(ring_nodes: int) -> dict[str, Any]:
     """µs per lookup at ``ring_nodes`` nodes: LiveRing with repeated lookups, HashRing uncached."""
     rnd = random.Random(ring_nodes)
-    nodes = [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(ring_nodes)]
-    keys = [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(DISTINCT)]
+    nodes = seeded_uuids(rnd, ring_nodes)
+    keys = seeded_uuids(rnd, DISTINCT)
     sequence = [k for k in rnd.choices(keys, k=LOOKUPS // LOOKUPS_PER_MESSAGE) for _ in range(LOOKUPS_PER_MESSAGE)]
     live = LiveRing(nodes[0], nodes)
     started = time.perf_counter()

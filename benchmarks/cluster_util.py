@@ -1,11 +1,11 @@
 """Helpers for the cluster benchmarks: a harness on a fresh database, a toggling VM workload, and
-probes of a running node (RSS, metrics, log records) and of the simulated agent (latency)."""
+probes of a running node (RSS, metrics) and of the simulated agent (latency). Log records:
+``zstack_mn.testing.cluster.log_events``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
 import tempfile
 from collections import Counter
@@ -16,11 +16,12 @@ from typing import Any
 import httpx
 import psutil
 
+from benchmarks.common import percentile
 from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
 from zstack_mn.db.engine import Database
 from zstack_mn.testing import servers
-from zstack_mn.testing.cluster import ClusterHarness, Proc
+from zstack_mn.testing.cluster import ClusterHarness, Proc, add_hosts_and_vms, set_agent_faults
 
 
 @contextlib.asynccontextmanager
@@ -34,9 +35,7 @@ async def cluster(url: str, prefix: str, nodes: int, **timing: Any) -> AsyncIter
         await db.migrate()
         await db.close()
         if nodes:
-            await h.start_nodes(nodes)
-            expected = {n.uuid for n in h.nodes}
-            await h.wait_until(lambda: h.rings_agree(expected), 60, "rings agree")
+            await h.wait_rings_agree(await h.start_nodes(nodes), 60)
         yield h
     except BaseException:
         failed = True
@@ -77,15 +76,7 @@ async def make_vms(
     client: Client, agent_url: str, count: int, hosts: int = 1, concurrency: int = 32
 ) -> list[dict[str, Any]]:
     """Add ``hosts`` simulated hosts and create ``count`` Running VMs (1 CPU, 64M) on them."""
-    for i in range(hosts):
-        await client.add_host(f"bench-h{i}", f"{agent_url}/hosts/b{i}")
-    sem = asyncio.Semaphore(concurrency)
-
-    async def one(i: int) -> dict[str, Any]:
-        async with sem:
-            return await client.create_vm(f"bench-vm{i}", cpu_num=1, memory_size="64M")
-
-    return list(await asyncio.gather(*(one(i) for i in range(count))))
+    return await add_hosts_and_vms(client, agent_url, count, hosts=hosts, concurrency=concurrency, prefix="bench-")
 
 
 def node_rss(proc: Proc) -> int:
@@ -110,28 +101,7 @@ async def metric(http: httpx.AsyncClient, node_url: str, name: str, timeout: flo
 
 async def set_agent_latency(agent_url: str, latency: float, ops: tuple[str, ...] = ("start", "stop")) -> None:
     """Make every simulated host of the agent take ``latency`` seconds per VM operation in ``ops``."""
-    faults = [AgentFault(op=op, latency=latency).to_wire() for op in ops] if latency else []
-    async with httpx.AsyncClient(timeout=10) as http:
-        (await http.put(f"{agent_url}/admin/faults", json=faults)).raise_for_status()
-
-
-def log_events(proc: Proc, event: str) -> list[dict[str, Any]]:
-    """The JSON log records of a node whose ``event`` is ``event``."""
-    records = []
-    try:
-        text = proc.log.read_text(errors="replace")
-    except OSError:
-        return records
-    for line in text.splitlines():
-        if event not in line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == event:
-            records.append(record)
-    return records
+    await set_agent_faults(agent_url, [AgentFault(op=op, latency=latency) for op in ops] if latency else [])
 
 
 def error_key(exc: BaseException) -> str:
@@ -159,11 +129,9 @@ class Failures:
 
 def percentiles(values: list[float]) -> dict[str, float]:
     """p50, p99 and max of ``values`` (milliseconds in, milliseconds out)."""
-    if not values:
-        return {"p50Ms": float("nan"), "p99Ms": float("nan"), "maxMs": float("nan")}
     ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
-
-    return {"p50Ms": at(0.5), "p99Ms": at(0.99), "maxMs": round(ordered[-1], 2)}
+    return {
+        "p50Ms": round(percentile(ordered, 0.5), 2),
+        "p99Ms": round(percentile(ordered, 0.99), 2),
+        "maxMs": round(ordered[-1], 2) if ordered else float("nan"),
+    }

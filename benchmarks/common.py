@@ -18,6 +18,13 @@ import psutil
 PAYLOAD_TEXT = "x" * 40
 
 
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (0–1) of ascending ``ordered`` values, nearest rank; NaN when empty."""
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 @dataclass
 class LoadResult:
     calls: int
@@ -31,10 +38,7 @@ class LoadResult:
         return self.calls / self.seconds if self.seconds else 0.0
 
     def pct(self, q: float) -> float:
-        if not self.latencies_ms:
-            return float("nan")
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return percentile(sorted(self.latencies_ms), q)
 
     def summary(self) -> dict[str, Any]:
         return {

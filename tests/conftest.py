@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,8 +21,13 @@ from zstack_mn.bus.transport import Transport
 from zstack_mn.testing import servers
 from zstack_mn.testing.cluster import ClusterHarness
 
+if TYPE_CHECKING:
+    from zstack_mn.testing.faults import Report
+
 _skipped: list[str] = []
-_fault_reports: list = []
+_fault_reports: list[Report] = []
+
+MakeTransport = Callable[[], Awaitable[Transport]]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,7 +36,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 @pytest.fixture(scope="session")
-def fault_reports() -> list:
+def fault_reports() -> list[Report]:
     return _fault_reports
 
 
@@ -104,7 +110,7 @@ def transport_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def make_transport(
     transport_kind: str, request: pytest.FixtureRequest, topology: Topology
-) -> AsyncIterator[callable]:
+) -> AsyncIterator[MakeTransport]:
     """A factory of started transports on one shared broker (memory or the real RabbitMQ)."""
     made: list[Transport] = []
     memory_url = f"memory://{uuid.uuid4().hex}"

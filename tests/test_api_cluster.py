@@ -15,6 +15,7 @@ from zstack_mn.bus.transport import Delivery, QueueKind
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ErrorCode, ZStackError, decode
+from zstack_mn.messages.api import APIChangeHostStateMsg, APIDeleteHostMsg, APIReconnectHostMsg
 from zstack_mn.testing.cluster import ClusterHarness
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
@@ -22,8 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(
 
 @pytest.fixture
 async def cluster(harness: ClusterHarness) -> ClusterHarness:
-    nodes = await harness.start_nodes(3)
-    await harness.wait_until(lambda: harness.rings_agree({n.uuid for n in nodes}), 10, "rings agree")
+    await harness.wait_rings_agree(await harness.start_nodes(3), 10)
     await harness.start_agent()
     return harness
 
@@ -49,22 +49,16 @@ async def exercise_every_api(client: Client, agent: str, tag: str) -> dict[str, 
         assert moved["hostUuid"] == h2["uuid"]
         assert moved["lastHostUuid"] == h1["uuid"]
     with pytest.raises(ZStackError) as err:
-        await client.send(__import__("zstack_mn.messages.api", fromlist=["x"]).APIDeleteHostMsg(uuid=h2["uuid"]))
+        await client.send(APIDeleteHostMsg(uuid=h2["uuid"]))
     assert err.value.code is ErrorCode.HOST_IN_USE
     for vm in vms:
         assert (await client.destroy_vm(vm["uuid"]))["state"] == "Destroyed"
-    disabled = await client.send(
-        __import__("zstack_mn.messages.api", fromlist=["x"]).APIChangeHostStateMsg(
-            uuid=h1["uuid"], state_event="disable"
-        )
-    )
+    disabled = await client.send(APIChangeHostStateMsg(uuid=h1["uuid"], state_event="disable"))
     assert disabled["inventory"]["state"] == "Disabled"
     with pytest.raises(ZStackError) as err:
         await client.create_vm(f"{tag}-nope", cpu_num=1, memory_size="1M", host_uuid=h1["uuid"])
     assert err.value.code is ErrorCode.NO_CAPACITY
-    reconnected = await client.send(
-        __import__("zstack_mn.messages.api", fromlist=["x"]).APIReconnectHostMsg(uuid=h1["uuid"])
-    )
+    reconnected = await client.send(APIReconnectHostMsg(uuid=h1["uuid"]))
     assert reconnected["inventory"]["status"] == "Connected"
     page = await client.query_vms(name=f"{tag}-vm0")
     assert page["total"] == 1

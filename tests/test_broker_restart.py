@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.testing import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+CONSUMERS_BACK_S = 30.0
 
 
 async def test_consumers_come_back_after_a_broker_restart(amqp_url: str):
@@ -51,18 +53,21 @@ async def test_consumers_come_back_after_a_broker_restart(amqp_url: str):
     finally:
         assert servers.rabbitmqctl("start_app").returncode == 0
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                reply = await caller.call(EchoMsg(uuid=str(uuid.uuid4()), text="after"), timeout=2)
-                break
-            except ZStackError:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
+        reply = await _first_reply_within(caller, CONSUMERS_BACK_S)
         assert reply == {"node": b, "text": "after"}
-        back_after = time.monotonic() - (deadline - 30)
-        assert back_after < 30
     finally:
         for bus in buses:
             await bus.close()
+
+
+async def _first_reply_within(caller: CloudBus, bound: float) -> dict[str, Any]:
+    """Call until a call is answered (the broker's consumers are back), at most ``bound`` seconds;
+    the last error when none is."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return await caller.call(EchoMsg(uuid=str(uuid.uuid4()), text="after"), timeout=2)
+        except ZStackError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)

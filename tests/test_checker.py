@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from zstack_mn.services.api_portal import request_id_for_key
+from zstack_mn.messages.ids import request_id_for_key
 from zstack_mn.testing.checker import AgentView, check
 from zstack_mn.testing.history import ERROR, HUNG, OK, TIMEOUT, Op
 

@@ -6,25 +6,37 @@ import asyncio
 import signal
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import select
 
-from tests.cluster_helpers import log_events, owned, three_nodes_with_vms
+from tests.cluster_helpers import owned, three_nodes_with_vms
+from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
-from zstack_mn.messages import ZStackError
-from zstack_mn.testing.cluster import ClusterHarness
+from zstack_mn.db.engine import Database
+from zstack_mn.db.models import VmInstance
+from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.testing import servers
+from zstack_mn.testing.cluster import (
+    ClusterHarness,
+    Proc,
+    agent_in_flight,
+    agent_stats,
+    log_events,
+    set_agent_faults,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
 
 
 async def test_three_nodes_agree_on_the_ring(harness: ClusterHarness):
     nodes = await harness.start_nodes(3)
-    expected = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(expected), 10, "rings agree")
+    await harness.wait_rings_agree(nodes, 10)
     async with Client.http(harness.urls()) as client:
         listed = await client.management_nodes()
-    assert {n["uuid"] for n in listed["inventories"]} == expected
+    assert {n["uuid"] for n in listed["inventories"]} == {n.uuid for n in nodes}
     assert listed["total"] == 3
 
 
@@ -40,12 +52,10 @@ async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: Clust
         await asyncio.sleep(0.5)
         assert not any(c.done() for c in calls), "the frozen owner answered"
         victim.signal(signal.SIGKILL)
-        took = await harness.wait_until(
-            lambda: harness.rings_agree({n.uuid for n in survivors}), 10, "survivors' rings drop the victim"
-        )
+        took = await harness.wait_rings_agree(survivors, 10, "survivors' rings drop the victim")
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
     assert [r for r in results if isinstance(r, BaseException)] == []
-    assert all(r["state"] == "Stopped" for r in results)
+    assert [r["state"] for r in results if not isinstance(r, BaseException)] == ["Stopped"] * len(calls)
     reasons = log_events(survivors, "evicted a dead node")
     assert [e["reason"] for e in reasons if e.get("dead") == victim.uuid] == ["session gone"], reasons
     print(f"SIGKILL: survivors' rings agreed {took:.2f}s after the kill")
@@ -62,12 +72,10 @@ async def test_sigterm_leaves_within_a_heartbeat_and_loses_nothing(harness: Clus
         calls = [asyncio.create_task(c.reboot_vm(v)) for v in vms]
         await asyncio.sleep(0.05)
         leaver.signal(signal.SIGTERM)
-        took = await harness.wait_until(
-            lambda: harness.rings_agree({n.uuid for n in stayers}), 10, "peers see the leaver go"
-        )
+        took = await harness.wait_rings_agree(stayers, 10, "peers see the leaver go")
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
     assert [r for r in results if isinstance(r, BaseException)] == []
-    assert all(r["state"] == "Running" for r in results)
+    assert [r["state"] for r in results if not isinstance(r, BaseException)] == ["Running"] * len(calls)
     seen = log_events(stayers, "node left")
     assert {e["left"] for e in seen if e.get("reason") == "graceful stop"} == {leaver.uuid}, seen
     assert log_events(stayers, "evicted a dead node") == [], "the leaver was evicted instead of leaving"
@@ -89,8 +97,8 @@ async def test_short_sigstop_is_not_evicted_long_one_is_and_never_serves_again(h
 
     old_uuid = frozen.uuid
     frozen.signal(signal.SIGSTOP)
-    others = {n.uuid for n in nodes if n is not frozen}
-    await harness.wait_until(lambda: harness.rings_agree(others), harness.node_timeout * 3, "frozen node evicted")
+    others = [n for n in nodes if n is not frozen]
+    await harness.wait_rings_agree(others, harness.node_timeout * 3, "frozen node evicted")
     frozen.signal(signal.SIGCONT)
     await harness.wait_until(lambda: _rejoined(harness, frozen, old_uuid), 30, "rejoin under a new uuid")
     async with Client.http(harness.urls(), timeout=60) as c:
@@ -103,20 +111,15 @@ async def test_short_sigstop_is_not_evicted_long_one_is_and_never_serves_again(h
     await client.close()
 
 
-async def _rejoined(harness: ClusterHarness, proc, old_uuid: str) -> bool:
+async def _rejoined(harness: ClusterHarness, proc: Proc, old_uuid: str) -> bool:
     try:
         now = await harness.current_uuid(proc)
-    except Exception:
+    except (TimeoutError, RuntimeError):
         return False
     return now != old_uuid and await harness.rings_agree({n["uuid"] for n in (await harness.status())["nodes"]})
 
 
 async def _op_nodes(harness: ClusterHarness, vms: list[str]) -> set[str]:
-    from sqlalchemy import select
-
-    from zstack_mn.db.engine import Database
-    from zstack_mn.db.models import VmInstance
-
     db = Database(harness.database_url)
     try:
         async with db.begin() as conn:
@@ -130,32 +133,32 @@ async def _op_nodes(harness: ClusterHarness, vms: list[str]) -> set[str]:
 async def test_sigkill_during_slow_start_ends_in_the_agents_state(harness: ClusterHarness):
     nodes, uuids, client, vms = await three_nodes_with_vms(harness, 12)
     victim = nodes[0]
+    agent = harness.agent
+    assert agent is not None
     mine = owned(vms, uuids, victim.uuid)
     assert mine
     async with Client.http(harness.urls(nodes[1:]), timeout=60) as c:
         for v in mine:
             await c.stop_vm(v)
-        import httpx
-
-        async with httpx.AsyncClient() as http:
-            await http.put(f"{harness.agent.url}/admin/faults", json=[{"op": "start", "latency": 2.0}])
+        await set_agent_faults(agent.url, [AgentFault(op="start", latency=2.0)])
         calls = [asyncio.create_task(c.start_vm(v)) for v in mine]
-        await asyncio.sleep(0.8)
+
+        async def victim_calls_at_agent() -> bool:
+            return await agent_in_flight(agent.url, victim.uuid) > 0
+
+        await harness.wait_until(victim_calls_at_agent, 10, "the victim's starts reach the agent")
         victim.signal(signal.SIGKILL)
         results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
-        async with httpx.AsyncClient() as http:
-            stats = (await http.get(f"{harness.agent.url}/admin/stats")).json()
+    stats = await agent_stats(agent.url)
     assert [r for r in results if isinstance(r, BaseException)] == []
-    assert all(r["state"] == "Running" for r in results)
-    assert all(stats["vms"][v]["state"] == "Running" for v in mine)
+    assert [r["state"] for r in results if not isinstance(r, BaseException)] == ["Running"] * len(mine)
+    assert {v: stats["vms"][v]["state"] for v in mine} == dict.fromkeys(mine, "Running")
     assert max(stats["effects"].values()) == 1, "an operation was applied twice on the agent"
     await client.close()
 
 
 async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: ClusterHarness):
-    from zstack_mn.testing import servers
-
-    nodes, uuids, client, vms = await three_nodes_with_vms(harness, 6)
+    nodes, _uuids, client, vms = await three_nodes_with_vms(harness, 6)
     outage = harness.node_timeout * 2
     try:
         assert servers.pg_ctl("stop", "-m", "immediate").returncode == 0
@@ -167,7 +170,7 @@ async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: C
     finally:
         servers.pg_ctl("start")
     assert during.value.retryable, f"not a retryable error: {during.value!r}"
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 30, "rings agree again with the same nodes")
+    await harness.wait_rings_agree(nodes, 30, "rings agree again with the same nodes")
     assert all(n.alive for n in nodes), "a node exited during the outage"
     for n in nodes:
         assert await harness.current_uuid(n) == n.uuid, "a node was evicted and rejoined"
@@ -185,8 +188,6 @@ async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: C
 
 
 async def test_thousand_concurrent_creates_never_oversubscribe(harness: ClusterHarness):
-    from zstack_mn.messages import ErrorCode, ZStackError
-
     await harness.start_nodes(3)
     agent = await harness.start_agent(cpu=20, memory="64G")
     hosts = 10
@@ -196,7 +197,7 @@ async def test_thousand_concurrent_creates_never_oversubscribe(harness: ClusterH
         clients = [Client.http([u], timeout=120) for u in harness.urls()]
         sem = asyncio.Semaphore(64)
 
-        async def create(i: int) -> dict | ZStackError:
+        async def create(i: int) -> dict[str, Any] | ZStackError:
             async with sem:
                 try:
                     return await clients[i % 3].create_vm(f"c{i}", cpu_num=1, memory_size="256M")
@@ -212,8 +213,7 @@ async def test_thousand_concurrent_creates_never_oversubscribe(harness: ClusterH
         assert len(created) == hosts * 20
         assert all(r["state"] == "Running" for r in created)
         page = await c.query_hosts(limit=100)
-        for h in page["inventories"]:
-            assert h["availableCpuCapacity"] == 0
+        assert [h["availableCpuCapacity"] for h in page["inventories"]] == [0] * hosts
         per_host: dict[str, int] = {}
         for r in created:
             per_host[r["hostUuid"]] = per_host.get(r["hostUuid"], 0) + 1
@@ -265,7 +265,7 @@ async def test_plugin_service_is_routed_across_nodes(harness: ClusterHarness, tm
     harness.extra_env["PYTHONPATH"] = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
     nodes = await harness.start_nodes(3)
     uuids = {n.uuid for n in nodes}
-    await harness.wait_until(lambda: harness.rings_agree(uuids), 10, "rings agree")
+    await harness.wait_rings_agree(nodes, 10)
     sys.path.insert(0, str(site))
     try:
         import zstack_counter_plugin  # type: ignore[import-not-found]

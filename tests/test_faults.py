@@ -1,5 +1,5 @@
-"""The fault matrix of FAULTS.md on real processes, RabbitMQ and PostgreSQL, judged by the history
-checker (``zstack_mn.testing.faults`` and ``checker``).
+"""The fault matrix of docs/FAULTS.md on real processes, RabbitMQ and PostgreSQL, judged by the
+history checker (``zstack_mn.testing.faults`` and ``checker``).
 
 Each row runs once at a random moment (the seed is in the report, to replay it); with
 ``--run-slow`` (``make fault-full``) each row runs ``FULL_RUNS`` times. Every run's one-line report
@@ -9,10 +9,12 @@ is printed at the end of the session and written as JSON to ``--fault-report``.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from zstack_mn.testing.faults import ROWS, RUN_BOUND_S, run_row
+from zstack_mn.testing.fault_rows import ROWS
+from zstack_mn.testing.faults import RUN_BOUND_S, Report, run_row
 
 FULL_RUNS = 10
 
@@ -30,7 +32,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("row_name", "run_index"), params)
 
 
-async def test_fault_row_holds(row_name: str, run_index: int, tmp_path, amqp_url, pg_database, fault_reports):
+async def test_fault_row_holds(
+    row_name: str, run_index: int, tmp_path: Path, amqp_url: str, pg_database: str, fault_reports: list[Report]
+):
     # Bounded inside the event loop (below pytest-timeout), so that a run that hangs is cancelled
     # and its processes are stopped, instead of being left running by pytest-timeout.
     report = await asyncio.wait_for(

@@ -12,6 +12,7 @@ import pytest
 from tests.test_bus import SERVICE, EchoMsg, make_node, owned_by
 from zstack_mn.bus.topology import Topology
 from zstack_mn.cluster.rescue import rescue_queues
+from zstack_mn.cluster.ring import LiveRing
 from zstack_mn.messages import ErrorCode, ZStackError
 
 pytestmark = pytest.mark.timeout(60)
@@ -48,6 +49,7 @@ async def test_a_leaving_nodes_queue_goes_to_the_new_owner(make_transport, topol
     heir_bus, heir_service = await make_node(make_transport, topology, heir, [owner, heir])
     owner_bus, call = await queued_call(make_transport, topology, [owner, heir], owner)
     for bus in (owner_bus, heir_bus):
+        assert isinstance(bus.ring, LiveRing)
         bus.ring.remove(owner)
     moved = await rescue_queues(owner_bus, owner_bus.node_queues([SERVICE], owner), bound=5, ignore_consumers=True)
     assert moved == 1

@@ -1,4 +1,4 @@
-"""Ring balance and movement (BENCH.md B5 targets), deterministic seeds."""
+"""Ring balance and movement (the B5 targets of docs/BENCH.md), deterministic seeds."""
 
 from __future__ import annotations
 
@@ -8,12 +8,9 @@ import uuid
 import pytest
 
 from zstack_mn.cluster.ring import EmptyRingError, HashRing, LiveRing
+from zstack_mn.testing.uuids import seeded_uuids as uuids
 
 KEYS = 100_000
-
-
-def uuids(rnd: random.Random, n: int) -> list[str]:
-    return [str(uuid.UUID(int=rnd.getrandbits(128), version=4)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -4,24 +4,28 @@ on RabbitMQ and PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from tests.embedded import embedded_node
 from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
-from zstack_mn.db.models import Host, VmInstance
+from zstack_mn.db.models import Base, Host, VmInstance
 from zstack_mn.db.results import OPERATION_PREFIX
 from zstack_mn.messages import ErrorCode, Event, ZStackError
-from zstack_mn.messages.events import VmStateChangedEvent
+from zstack_mn.messages.api import APIDeleteHostMsg
+from zstack_mn.messages.events import HostStatusChangedEvent, VmStateChangedEvent
+from zstack_mn.messages.ids import request_id_for_key
 from zstack_mn.messages.vm import StartVmInstanceMsg, StopVmInstanceMsg
 from zstack_mn.node import Node
 
 pytestmark = pytest.mark.timeout(60)
+MISSING = "6f1c7d0e-5ad4-4f3e-8b3a-1e0b7e6e1c11"
 
 
 @pytest.fixture
@@ -41,13 +45,34 @@ def faults(node: Node, *items: AgentFault) -> None:
     node.simulated_agent.faults = list(items)
 
 
-async def count(node: Node, table, **where) -> int:
+async def count(node: Node, model: type[Base], **where: object) -> int:
+    """Rows of ``model``'s table whose columns equal ``where``."""
     assert node.db is not None
     async with node.db.begin() as conn:
-        stmt = select(func.count()).select_from(table)
-        for k, v in where.items():
-            stmt = stmt.where(getattr(table.c, k) == v)
-        return int((await conn.execute(stmt)).scalar_one())
+        return int((await conn.execute(select(func.count()).select_from(model).filter_by(**where))).scalar_one())
+
+
+class EventLog:
+    """Every event the node publishes on the topics subscribed, kept, so a test awaits the one
+    it expects whatever arrived first."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._arrived = asyncio.Event()
+
+    async def record(self, event: Event) -> None:
+        self.events.append(event)
+        self._arrived.set()
+
+    async def wait_for(self, what: str, predicate: Callable[[Event], bool], timeout: float = 10.0) -> Event:
+        try:
+            async with asyncio.timeout(timeout):
+                while (found := next((e for e in self.events if predicate(e)), None)) is None:
+                    self._arrived.clear()
+                    await self._arrived.wait()
+                return found
+        except TimeoutError:
+            raise AssertionError(f"no event {what} within {timeout:g}s; seen: {self.events}") from None
 
 
 async def test_vm_lifecycle_and_invalid_transitions(node: Node, client: Client):
@@ -73,7 +98,7 @@ async def test_vm_lifecycle_and_invalid_transitions(node: Node, client: Client):
 
 async def test_unknown_uuid_is_not_found(client: Client):
     with pytest.raises(ZStackError) as err:
-        await client.stop_vm("6f1c7d0e-5ad4-4f3e-8b3a-1e0b7e6e1c11")
+        await client.stop_vm(MISSING)
     assert err.value.code is ErrorCode.RESOURCE_NOT_FOUND
 
 
@@ -110,9 +135,11 @@ async def test_same_message_id_is_applied_once(node: Node, client: Client):
     vm = await client.create_vm("dup", cpu_num=1, memory_size="128M")
     await client.stop_vm(vm["uuid"])
     msg_id = "start-once-0001"
+    first: dict[str, Any] | BaseException
+    second: dict[str, Any] | BaseException
     first, second = await asyncio.gather(
         node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id),
-        node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id + "-retry"),
+        node.bus.call(StartVmInstanceMsg(uuid=vm["uuid"]), msg_id=msg_id + "-other"),
         return_exceptions=True,
     )
     assert isinstance(first, dict)
@@ -136,57 +163,62 @@ async def test_idempotency_key_returns_the_first_result(node: Node, client: Clie
 async def test_delete_host_refused_while_vms_live(client: Client):
     vm = await client.create_vm("pin", cpu_num=1, memory_size="64M")
     with pytest.raises(ZStackError) as err:
-        await client.send(__import__("zstack_mn.messages.api", fromlist=["x"]).APIDeleteHostMsg(uuid=vm["hostUuid"]))
+        await client.send(APIDeleteHostMsg(uuid=vm["hostUuid"]))
     assert err.value.code is ErrorCode.HOST_IN_USE
 
 
 async def test_unreachable_agent_disconnects_host_and_vms_come_back(node: Node, client: Client):
     assert node.bus is not None
-    seen: list[tuple[str | None, str]] = []
-
-    async def record(evt: Event) -> None:
-        if isinstance(evt, VmStateChangedEvent):
-            seen.append((evt.old_state, evt.new_state))
-
-    await node.bus.subscribe("vm.state.changed", record)
+    log = EventLog()
+    await node.bus.subscribe(VmStateChangedEvent.TOPIC, log.record)
+    await node.bus.subscribe(HostStatusChangedEvent.TOPIC, log.record)
     vm = await client.create_vm("tracked", cpu_num=1, memory_size="64M")
+    host = vm["hostUuid"]
+
+    def host_went(old: str, new: str) -> Callable[[Event], bool]:
+        want = (host, old, new)
+        return lambda e: isinstance(e, HostStatusChangedEvent) and (e.host_uuid, e.old_status, e.new_status) == want
+
+    def vm_went(old: str, new: str) -> Callable[[Event], bool]:
+        want = (vm["uuid"], old, new)
+        return lambda e: isinstance(e, VmStateChangedEvent) and (e.vm_uuid, e.old_state, e.new_state) == want
+
     faults(node, AgentFault(op="ping", down=True))
-
-    async def state_of(kind: str) -> str:
-        if kind == "host":
-            return (await client.query_hosts())["inventories"][0]["status"]
-        return (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]["state"]
-
-    async def until(kind: str, value: str) -> None:
-        for _ in range(100):
-            if await state_of(kind) == value:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{kind} never became {value}")
-
-    await until("host", "Disconnected")
-    await until("vm", "Unknown")
+    await log.wait_for("host Connected → Disconnected", host_went("Connected", "Disconnected"))
+    await log.wait_for("vm Running → Unknown", vm_went("Running", "Unknown"))
+    assert (await client.query_hosts(uuid=host))["inventories"][0]["status"] == "Disconnected"
+    assert (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]["state"] == "Unknown"
     faults(node)
-    await until("host", "Connected")
-    await until("vm", "Running")
-    for _ in range(100):
-        if ("Unknown", "Running") in seen:
-            break
-        await asyncio.sleep(0.02)
-    assert ("Running", "Unknown") in seen, seen
-    assert ("Unknown", "Running") in seen, seen
+    await log.wait_for("host Disconnected → Connected", host_went("Disconnected", "Connected"))
+    await log.wait_for("vm Unknown → Running", vm_went("Unknown", "Running"))
+    assert (await client.query_hosts(uuid=host))["inventories"][0]["status"] == "Connected"
+    assert (await client.query_vms(uuid=vm["uuid"]))["inventories"][0]["state"] == "Running"
 
 
 async def test_stop_of_a_vm_on_a_missing_host_is_clean(node: Node, client: Client):
+    """The VM's host row is gone (removed behind the API's back): a stop finishes without an
+    agent to ask, leaves the VM Stopped and on no host, and recreates nothing."""
     assert node.bus is not None
+    assert node.db is not None
+    assert node.simulated_agent is not None
     vm = await client.create_vm("x", cpu_num=1, memory_size="64M")
-    reply = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]))
+    host = vm["hostUuid"]
+    async with node.db.begin() as conn:
+        assert (await conn.execute(delete(Host).where(Host.uuid == host))).rowcount == 1
+    reply = await node.bus.call(StopVmInstanceMsg(uuid=vm["uuid"]), msg_id="stop-hostless-1")
     assert reply["state"] == "Stopped"
-    assert await count(node, VmInstance.__table__, state="Stopped") == 1
-    assert await count(node, Host.__table__) == 1
+    assert reply.get("hostUuid") is None
+    assert reply["lastHostUuid"] == host
+    assert "stop-hostless-1" not in node.simulated_agent.effects, "a stop was sent for a host that is gone"
+    assert await count(node, VmInstance, uuid=vm["uuid"], state="Stopped", host_uuid=None) == 1
+    assert await count(node, Host) == 0, "the missing host came back"
+    with pytest.raises(ZStackError) as err:
+        await client.start_vm(vm["uuid"])
+    assert err.value.code is ErrorCode.NO_CAPACITY
 
 
 async def test_http_errors_name_the_field_and_write_nothing(node: Node):
+    hosts_before = await count(node, Host)
     async with httpx.AsyncClient(base_url=node.http_url) as http:
         cases = [
             ("POST", "/v1/vm-instances", {"params": {"name": "a", "cpuNum": 1, "memorySize": -1}}, 400, "memorySize"),
@@ -194,8 +226,8 @@ async def test_http_errors_name_the_field_and_write_nothing(node: Node):
             ("POST", "/v1/vm-instances", {"params": {"cpuNum": 1, "memorySize": 1}}, 400, "name"),
             ("POST", "/v1/vm-instances", {"params": {"name": "a", "cpuNum": 1, "memorySize": 1, "x": 1}}, 400, "x"),
             ("PUT", "/v1/vm-instances/not-a-uuid/actions", {"startVmInstance": {}}, 400, "uuid"),
-            ("PUT", "/v1/vm-instances/6f1c7d0e-5ad4-4f3e-8b3a-1e0b7e6e1c11/actions", {"fly": {}}, 400, "fly"),
-            ("PUT", "/v1/vm-instances/6f1c7d0e-5ad4-4f3e-8b3a-1e0b7e6e1c11/actions", {"startVmInstance": {}}, 404, ""),
+            ("PUT", f"/v1/vm-instances/{MISSING}/actions", {"fly": {}}, 400, "fly"),
+            ("PUT", f"/v1/vm-instances/{MISSING}/actions", {"startVmInstance": {}}, 404, MISSING),
             ("GET", "/v1/vm-instances?limit=0", None, 400, "limit"),
             ("POST", "/v1/hosts", {"params": {"name": "h", "agentUrl": "ftp://x"}}, 400, "agentUrl"),
         ]
@@ -210,8 +242,9 @@ async def test_http_errors_name_the_field_and_write_nothing(node: Node):
             "/v1/vm-instances", content=b"{" + b" " * (70 * 1024) + b"}", headers={"content-type": "application/json"}
         )
         assert big.status_code == 413
-    assert await count(node, VmInstance.__table__) == 0
-    assert (await httpx.AsyncClient().get(node.http_url + "/readyz")).json()["ready"] is True
+        assert (await http.get("/readyz")).json()["ready"] is True
+    assert await count(node, VmInstance) == 0
+    assert await count(node, Host) == hosts_before
 
 
 async def test_bearer_token_guards_the_api_but_not_health(tmp_path: Path):
@@ -230,7 +263,7 @@ async def test_bearer_token_guards_the_api_but_not_health(tmp_path: Path):
 async def test_stored_replies_expire(node: Node, client: Client):
     assert node.portal is not None
     await client.create_vm("kept", cpu_num=1, memory_size="64M", key="expiring-key")
-    request_id = __import__("zstack_mn.services.api_portal", fromlist=["x"]).request_id_for_key("expiring-key")
+    request_id = request_id_for_key("expiring-key")
     assert await node.portal.results.get(request_id) is None, "a VM operation's reply is its op record, not a copy"
     assert await node.portal.results.get(OPERATION_PREFIX + request_id) is not None
     assert await node.portal.results.expire(3600) == 0

@@ -21,10 +21,9 @@ from zstack_mn.db.vm_transitions import (
     PLACE_TARGET,
     Finish,
     Outcome,
-    VmRow,
     vm_transitions,
 )
-from zstack_mn.db.vms import VM
+from zstack_mn.db.vms import VM, VmRow
 from zstack_mn.services import vm_states as s
 from zstack_mn.testing import servers
 

@@ -1,5 +1,5 @@
 """The history checker: reconciles what the clients saw with the database and the agent, in the
-manner of Jepsen's queue checker, and counts the four failures FAULTS.md forbids.
+manner of Jepsen's queue checker, and counts the four failures docs/FAULTS.md forbids.
 
 * **lost**: a request answered with success whose operation is not durable (no ``op:<id>``
   record, or the VM's final state contradicts the last acknowledged operation on it), or a
@@ -27,7 +27,7 @@ from sqlalchemy import select
 from zstack_mn.db.engine import Database
 from zstack_mn.db.models import Host, MessageResult, VmInstance
 from zstack_mn.db.results import OPERATION_PREFIX
-from zstack_mn.services.api_portal import request_id_for_key
+from zstack_mn.messages.ids import request_id_for_key
 from zstack_mn.services.vm_states import TRANSIENT
 from zstack_mn.testing.history import ERROR, HUNG, OK, TIMEOUT, Op
 

@@ -8,18 +8,23 @@ each node logs JSON lines to its own file under the run directory.
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.client import Client
 from zstack_mn.cluster.status import cluster_status
 
 
@@ -49,6 +54,111 @@ class Proc:
     def signal(self, sig: int) -> None:
         if self.alive:
             os.kill(self.popen.pid, sig)
+
+
+def spawn(name: str, args: list[str], env: dict[str, str], log: Path, port: int) -> Proc:
+    """``python -m zstack_mn <args>`` in a session of its own (so a kill reaches its children),
+    its output appended to ``log``."""
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "zstack_mn", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Proc(name, popen, log, port)
+
+
+def tail(proc: Proc, lines: int = 30) -> str:
+    """The last ``lines`` of a process's log ("" when it has none)."""
+    try:
+        return "\n".join(proc.log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+async def wait_http(
+    proc: Proc, path: str, timeout: float = 60, http: httpx.AsyncClient | None = None
+) -> dict[str, Any]:
+    """Poll ``path`` on ``proc`` until it answers 200, and return its JSON body. RuntimeError (with
+    the log's tail) when the process exits first, TimeoutError after ``timeout``."""
+    if http is None:
+        async with httpx.AsyncClient(timeout=5) as own:
+            return await wait_http(proc, path, timeout, own)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{tail(proc)}")
+        try:
+            resp = await http.get(proc.url + path)
+            if resp.status_code == 200:
+                return dict(resp.json())
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{proc.name} not ready within {timeout}s:\n{tail(proc)}")
+
+
+def log_events(procs: Iterable[Proc], event: str) -> list[dict[str, Any]]:
+    """The JSON log records of ``procs`` whose ``event`` is ``event`` (a log not written yet,
+    or gone, has none)."""
+    found: list[dict[str, Any]] = []
+    for proc in procs:
+        try:
+            text = proc.log.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if event not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == event:
+                found.append(record)
+    return found
+
+
+async def add_hosts_and_vms(
+    client: Client, agent_url: str, vms: int, *, hosts: int = 1, concurrency: int = 32, prefix: str = ""
+) -> list[dict[str, Any]]:
+    """Add ``hosts`` simulated hosts of the agent (``<prefix>h<i>``) and create ``vms`` VMs
+    (``<prefix>vm<i>``, 1 CPU, 64M each) on them, ``concurrency`` at once; their inventories."""
+    for i in range(hosts):
+        await client.add_host(f"{prefix}h{i}", f"{agent_url}/hosts/{prefix}h{i}")
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> dict[str, Any]:
+        async with slots:
+            return await client.create_vm(f"{prefix}vm{i}", cpu_num=1, memory_size="64M")
+
+    return list(await asyncio.gather(*(one(i) for i in range(vms))))
+
+
+async def set_agent_faults(agent_url: str, faults: list[AgentFault]) -> None:
+    """Replace the simulated agent's injected faults (an empty list clears them)."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        (await http.put(f"{agent_url}/admin/faults", json=[f.to_wire() for f in faults])).raise_for_status()
+
+
+async def agent_in_flight(agent_url: str, node: str) -> int:
+    """How many of ``node``'s VM operations the simulated agent has in flight now."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        resp = await http.get(f"{agent_url}/admin/audit", params={"node": node})
+        resp.raise_for_status()
+        return int(resp.json()["inFlight"])
+
+
+async def agent_stats(agent_url: str) -> dict[str, Any]:
+    """The simulated agent's ``/admin/stats``: effects per op id, duplicates, and every VM's host
+    and state."""
+    async with httpx.AsyncClient(timeout=30) as http:
+        resp = await http.get(f"{agent_url}/admin/stats")
+        resp.raise_for_status()
+        return dict(resp.json())
 
 
 class ClusterHarness:
@@ -95,18 +205,7 @@ class ClusterHarness:
         return env
 
     def _spawn(self, name: str, args: list[str], port: int, extra: dict[str, str] | None = None) -> Proc:
-        log = self.workdir / f"{name}.log"
-        fh = log.open("ab")
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "zstack_mn", *args],
-            env=self._env(port, extra),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        fh.close()
-        return Proc(name, popen, log, port)
+        return spawn(name, args, self._env(port, extra), self.workdir / f"{name}.log", port)
 
     async def start_agent(self, cpu: int = 64, memory: str = "256G") -> str:
         port = free_port()
@@ -131,18 +230,7 @@ class ClusterHarness:
         return procs
 
     async def _wait_http(self, proc: Proc, path: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive:
-                raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{self.tail(proc)}")
-            try:
-                resp = await self._http.get(proc.url + path)
-                if resp.status_code == 200:
-                    return dict(resp.json())
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"{proc.name} not ready within {timeout}s:\n{self.tail(proc)}")
+        return await wait_http(proc, path, timeout, self._http)
 
     async def wait_ready(self, proc: Proc, timeout: float = 60) -> None:
         await self._wait_http(proc, "/readyz", timeout)
@@ -155,12 +243,18 @@ class ClusterHarness:
     async def status(self) -> dict[str, Any]:
         return await cluster_status(self.database_url)
 
-    async def wait_until(self, predicate: Any, timeout: float, what: str, interval: float = 0.05) -> float:
-        """Await ``predicate()`` (sync or async) becoming true; returns the seconds it took."""
+    async def wait_until(
+        self,
+        predicate: Callable[[], object],
+        timeout: float,
+        what: str,
+        interval: float = 0.05,
+    ) -> float:
+        """Await ``predicate()`` (sync or async) becoming truthy; returns the seconds it took."""
         started = time.monotonic()
         while True:
             result = predicate()
-            if asyncio.iscoroutine(result):
+            if inspect.isawaitable(result):
                 result = await result
             if result:
                 return time.monotonic() - started
@@ -169,18 +263,23 @@ class ClusterHarness:
             await asyncio.sleep(interval)
 
     async def rings_agree(self, expected: set[str]) -> bool:
+        """Exactly ``expected`` are RUNNING and every ring digest in the database agrees."""
         report = await self.status()
         running = {n["uuid"] for n in report["nodes"] if n["state"] == "RUNNING"}
         return running == expected and bool(report["ringsAgree"])
+
+    async def wait_rings_agree(
+        self, procs: Iterable[Proc], timeout: float, what: str = "rings agree", interval: float = 0.05
+    ) -> float:
+        """Wait until exactly ``procs`` are RUNNING and their rings agree; returns the seconds."""
+        expected = {p.uuid for p in procs}
+        return await self.wait_until(lambda: self.rings_agree(expected), timeout, what, interval)
 
     def urls(self, procs: list[Proc] | None = None) -> list[str]:
         return [p.url for p in (procs or self.nodes) if p.alive]
 
     def tail(self, proc: Proc, lines: int = 30) -> str:
-        try:
-            return "\n".join(proc.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return tail(proc, lines)
 
     async def close(self) -> None:
         procs = [p for p in [*self.nodes, self.agent] if p is not None]

@@ -1,7 +1,7 @@
-"""The rows of FAULTS.md: how each fault is injected into a running cluster, and what it may cost
-the clients. A row's ``inject`` runs while the load runs; it records problems (expectations of
-its own, such as "nobody was evicted") and measures (detection times, pause lengths) on ``Run``.
-``zstack_mn.testing.faults`` runs the rows and checks the history."""
+"""The rows of docs/FAULTS.md: how each fault is injected into a running cluster, and what it may
+cost the clients. A row's ``inject`` runs while the load runs; it records problems (expectations
+of its own, such as "nobody was evicted") and measures (detection times, pause lengths) on
+``Run``. ``zstack_mn.testing.faults`` runs the rows and checks the history."""
 
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ import httpx
 
 from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.bus.topology import Topology
+from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ErrorCode
 from zstack_mn.messages.host import HOST
 from zstack_mn.messages.vm import VM
 from zstack_mn.testing import servers
-from zstack_mn.testing.cluster import ClusterHarness, Proc
-from zstack_mn.testing.history import OK, History, make_client
+from zstack_mn.testing.cluster import ClusterHarness, Proc, agent_in_flight, set_agent_faults
+from zstack_mn.testing.history import OK, History, make_client, with_key
 from zstack_mn.testing.observer import Observer
 from zstack_mn.testing.proxy import CutProxy
+from zstack_mn.testing.uuids import seeded_uuids
 
 HEARTBEAT_S = 0.5
 NODE_TIMEOUT_S = 3.0
@@ -80,17 +82,29 @@ class Run:
         return uuid in self.observer.timeline.gone_at
 
     async def set_agent_faults(self, faults: list[AgentFault]) -> None:
-        async with httpx.AsyncClient(timeout=5) as http:
-            body = [f.model_dump(mode="json", by_alias=True) for f in faults]
-            (await http.put(f"{self.agent_url}/admin/faults", json=body)).raise_for_status()
+        await set_agent_faults(self.agent_url, faults)
 
     async def agent_in_flight(self, node: str) -> int:
-        async with httpx.AsyncClient(timeout=5) as http:
-            return int((await http.get(f"{self.agent_url}/admin/audit", params={"node": node})).json()["inFlight"])
+        return await agent_in_flight(self.agent_url, node)
 
 
 Inject = Callable[[Run], Awaitable[None]]
 Prepare = Callable[["RunSetup"], Awaitable[dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """The cluster's timings in a run (seconds)."""
+
+    heartbeat: float
+    node_timeout: float
+    agent_timeout: float
+
+
+SCALED = Timings(HEARTBEAT_S, NODE_TIMEOUT_S, AGENT_TIMEOUT_S)
+"""Most rows: scaled down so that a run is short."""
+DEFAULTS = Timings(2.0, 10.0, 10.0)
+"""The settings' defaults, as a user runs them (``zstack_mn.config.Settings``)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,7 @@ class Row:
     allowed_errors: frozenset[str] = frozenset()
     special_node: Prepare | None = None
     detect_bound: float | None = None
+    timings: Timings = SCALED
 
 
 @dataclass
@@ -186,11 +201,12 @@ async def _rolling_restart(run: Run) -> None:
         run.expect(code == 0, f"{old.name}: SIGTERM exit status {code}")
         new = await run.harness.start_node(port=old.port)
         run.nodes[run.nodes.index(old)] = new
-        await run.wait_for(
-            lambda new=new: run.observer.timeline.first_with(new.uuid, time.monotonic() - 1),
-            15,
-            f"{new.name} in every ring",
-        )
+        await run.wait_for(_lately_in_every_ring(run, new.uuid), 15, f"{new.name} in every ring")
+
+
+def _lately_in_every_ring(run: Run, uuid: str) -> Callable[[], float | None]:
+    """A predicate: within the last second, every ring agreed on a membership that has ``uuid``."""
+    return lambda: run.observer.timeline.first_with(uuid, time.monotonic() - 1)
 
 
 async def _join(run: Run) -> None:
@@ -203,7 +219,7 @@ async def _join(run: Run) -> None:
     after = HashRing({n.uuid for n in run.nodes} | {newcomer.uuid})
     moved = [v for v in run.vms if before.owner_of(v) != after.owner_of(v)]
     run.expect(all(after.owner_of(v) == newcomer.uuid for v in moved), "a VM moved between two old nodes")
-    sample = [str(uuidlib.UUID(int=run.rng.getrandbits(128))) for _ in range(RING_SAMPLE)]
+    sample = seeded_uuids(run.rng, RING_SAMPLE)
     share = sum(before.owner_of(u) != after.owner_of(u) for u in sample) / RING_SAMPLE
     fair = 1 / len(after.nodes)
     run.expect(share <= 1.2 * fair, f"{share:.1%} of {RING_SAMPLE} uuids moved to the newcomer (fair {fair:.1%})")
@@ -361,16 +377,7 @@ async def _duplicate_delivery(run: Run) -> None:
         for _ in range(4):
             key = str(uuidlib.uuid4())
             ops = await asyncio.gather(
-                *(
-                    run.history.record(
-                        -2,
-                        "create",
-                        "",
-                        lambda k, c=c: c.create_vm("dup", cpu_num=1, memory_size="64M", key=k),
-                        key=key,
-                    )
-                    for c in clients
-                )
+                *(run.history.record(-2, "create", "", _create_dup(c), key=key) for c in clients)
             )
             vms = {op.vm for op in ops if op.outcome == OK}
             run.expect(
@@ -382,10 +389,7 @@ async def _duplicate_delivery(run: Run) -> None:
             vm = vms.pop()
             key = str(uuidlib.uuid4())
             ops = await asyncio.gather(
-                *(
-                    run.history.record(-2, "stop", vm, lambda k, c=c, vm=vm: c.stop_vm(vm, key=k), key=key)
-                    for c in clients
-                )
+                *(run.history.record(-2, "stop", vm, with_key(c.stop_vm, vm), key=key) for c in clients)
             )
             run.expect(
                 all(op.outcome == OK and op.state == "Stopped" for op in ops),
@@ -396,11 +400,16 @@ async def _duplicate_delivery(run: Run) -> None:
             await c.close()
 
 
+def _create_dup(client: Client) -> Callable[[str], Awaitable[dict[str, Any]]]:
+    return lambda key: client.create_vm("dup", cpu_num=1, memory_size="64M", key=key)
+
+
 async def _kill_between_effect_and_ack(run: Run) -> None:
-    """SIGKILL a node while the agent is applying its operations: the effect lands, the ack never."""
+    """SIGKILL a node while the agent is applying its operations, past their commit point: the
+    effect lands, the ack never, and the new owner waits for them at the agent, not for a deadline."""
     victim = run.victim = run.rng.choice(run.nodes)
     run.victim_uuid = victim.uuid
-    await run.set_agent_faults([AgentFault(op=op, latency=1.0) for op in LATENCY_OPS])
+    await run.set_agent_faults([AgentFault(op=op, apply_latency=1.0) for op in LATENCY_OPS])
     try:
         await run.wait_for(lambda: _has_in_flight(run, victim.uuid), 15, "the victim has agent calls in flight")
         run.measures["in_flight_at_kill"] = await run.agent_in_flight(victim.uuid)
@@ -503,5 +512,19 @@ ROWS: dict[str, Row] = {
             detect_bound=DEATH_NOTICED_BOUND_S,
         ),
         Row("poison", "raw garbage on the API queue and a service queue", _poison),
+        Row(
+            "sigkill-default-timings",
+            "SIGKILL one of three nodes, with the default heartbeat, node and agent timeouts",
+            _sigkill,
+            detect_bound=3 * DEFAULTS.heartbeat,
+            timings=DEFAULTS,
+        ),
+        Row(
+            "sigterm-default-timings",
+            "SIGTERM one of three nodes, with the default heartbeat, node and agent timeouts",
+            _sigterm,
+            detect_bound=2 * DEFAULTS.heartbeat,
+            timings=DEFAULTS,
+        ),
     )
 }

@@ -1,5 +1,5 @@
-"""The fault matrix of FAULTS.md, run against real ``zstack-mn`` processes, the real RabbitMQ and
-PostgreSQL, and a simulated agent, and judged by the history checker.
+"""The fault matrix of docs/FAULTS.md, run against real ``zstack-mn`` processes, the real RabbitMQ
+and PostgreSQL, and a simulated agent, and judged by the history checker.
 
 One *run* of a *row*: three nodes (the row may route one of them through a cut-able proxy or a
 skewed clock), an agent with two hosts, VMs, steady load from several clients; the fault at a
@@ -35,21 +35,18 @@ from zstack_mn.db.models import VmInstance
 from zstack_mn.services.vm_states import TRANSIENT
 from zstack_mn.testing import servers
 from zstack_mn.testing.checker import AgentView, check, read_database
-from zstack_mn.testing.cluster import ClusterHarness
+from zstack_mn.testing.cluster import ClusterHarness, agent_stats
 from zstack_mn.testing.fault_rows import (
     AGENT_LATENCY_S,
-    AGENT_TIMEOUT_S,
     ATTEMPT_TIMEOUT_S,
     DEADLINE_S,
-    HEARTBEAT_S,
     LATENCY_OPS,
-    NODE_TIMEOUT_S,
     ROWS,
     Row,
     Run,
     RunSetup,
 )
-from zstack_mn.testing.history import OK, History, Workload, make_client
+from zstack_mn.testing.history import OK, History, Op, Workload, make_client
 from zstack_mn.testing.observer import Observer
 from zstack_mn.testing.proxy import CutProxy
 
@@ -100,9 +97,9 @@ async def run_row(
         amqp_url=amqp_url,
         database_url=database_url,
         queue_prefix=f"f{uuidlib.uuid4().hex[:8]}",
-        heartbeat=HEARTBEAT_S,
-        node_timeout=NODE_TIMEOUT_S,
-        env={"ZSTACK_MN_AGENT_TIMEOUT": str(AGENT_TIMEOUT_S)},
+        heartbeat=row.timings.heartbeat,
+        node_timeout=row.timings.node_timeout,
+        env={"ZSTACK_MN_AGENT_TIMEOUT": str(row.timings.agent_timeout)},
     )
     proxies: dict[str, CutProxy] = {}
     observer = Observer(database_url)
@@ -117,7 +114,7 @@ async def run_row(
         nodes = await harness.start_nodes(3 if special is None else 2)
         if special is not None:
             nodes.append(await harness.start_node(extra_env=special))
-        await harness.wait_until(lambda: harness.rings_agree({n.uuid for n in nodes}), 15, "rings agree")
+        await harness.wait_rings_agree(nodes, 15)
         observer.start()
         history = History(DEADLINE_S)
         vm_states = await _setup_vms(harness, agent_url, history, vms)
@@ -191,14 +188,13 @@ async def _setup_vms(harness: ClusterHarness, agent_url: str, history: History, 
     try:
         for i in range(2):
             await client.add_host(f"h{i}", f"{agent_url}/hosts/h{i}")
-        ops = await asyncio.gather(
-            *(
-                history.record(
-                    -1, "create", "", lambda k, i=i: client.create_vm(f"vm{i}", cpu_num=1, memory_size="64M", key=k)
-                )
-                for i in range(count)
+
+        async def create(name: str) -> Op:
+            return await history.record(
+                -1, "create", "", lambda k: client.create_vm(name, cpu_num=1, memory_size="64M", key=k)
             )
-        )
+
+        ops = await asyncio.gather(*(create(f"vm{i}") for i in range(count)))
     finally:
         await client.close()
     failed = [op for op in ops if op.outcome != OK]
@@ -225,8 +221,8 @@ async def _quiesce(run: Run) -> None:
 
 
 async def _agent_view(agent_url: str) -> AgentView:
+    stats = await agent_stats(agent_url)
     async with httpx.AsyncClient(timeout=30) as http:
-        stats = (await http.get(f"{agent_url}/admin/stats")).json()
         audit = (await http.get(f"{agent_url}/admin/audit")).json()
     return AgentView(stats["effects"], stats["vms"], audit["entries"])
 
@@ -240,13 +236,13 @@ def _measure(run: Run) -> None:
         run.measures["detect_s"] = round(dropped - run.injected_at, 2)
     owned = {v for v in run.vms if run.ring_at_injection.owner_of(v) == run.victim_uuid}
     served = [
-        op
+        (op.answered, op.handled_by)
         for op in run.history.ops
-        if op.vm in owned and op.outcome == OK and op.answered and op.sent >= run.injected_at
+        if op.vm in owned and op.outcome == OK and op.answered is not None and op.sent >= run.injected_at
     ]
     if served:
-        run.measures["served_again_s"] = round(min(op.answered for op in served) - run.injected_at, 2)
-    by_others = [op.answered for op in served if op.handled_by not in (None, run.victim_uuid)]
+        run.measures["served_again_s"] = round(min(at for at, _ in served) - run.injected_at, 2)
+    by_others = [at for at, node in served if node not in (None, run.victim_uuid)]
     if by_others:
         run.measures["takeover_s"] = round(min(by_others) - run.injected_at, 2)
 

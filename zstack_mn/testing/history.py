@@ -15,7 +15,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from zstack_mn.client import Client, HttpTransport
 from zstack_mn.messages import ZStackError
@@ -91,6 +91,17 @@ class History:
         return [asdict(op) for op in self.ops]
 
 
+class VmCall(Protocol):
+    """A client's VM operation (``Client.stop_vm`` and its siblings)."""
+
+    def __call__(self, uuid: str, *, key: str | None = None) -> Awaitable[dict[str, Any]]: ...
+
+
+def with_key(call: VmCall, vm: str) -> Callable[[str], Awaitable[dict[str, Any]]]:
+    """``call(vm, key=...)`` as ``History.record`` sends it: one argument, the idempotency key."""
+    return lambda key: call(vm, key=key)
+
+
 def make_client(urls: list[str], deadline: float, attempt_timeout: float) -> Client:
     """A multi-URL HTTP client with the run's deadline and per-attempt fail-over bound."""
     return Client(HttpTransport(list(urls), None, deadline, attempt_timeout=attempt_timeout), deadline)
@@ -155,8 +166,8 @@ class Workload:
                 else:
                     del vms[vm]
                 continue
-            call = {"stop": client.stop_vm, "start": client.start_vm, "reboot": client.reboot_vm}[kind]
-            op = await record(index, kind, vm, lambda k, call=call, vm=vm: call(vm, key=k), client=client)
+            call: VmCall = {"stop": client.stop_vm, "start": client.start_vm, "reboot": client.reboot_vm}[kind]
+            op = await record(index, kind, vm, with_key(call, vm), client=client)
             vms[vm] = op.state if op.outcome == OK and op.state else await self._settled_state(client, vm)
 
     async def _settled_state(self, client: Client, vm: str) -> str:

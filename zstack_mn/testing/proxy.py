@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
+from typing import Any
 
 CHUNK = 65536
 CONNECT_TIMEOUT_S = 5.0
+
+Link = tuple[asyncio.StreamWriter, ...]
+"""The writers of one proxied connection: the client's, and the server's once connected."""
 
 
 class CutProxy:
@@ -22,8 +27,8 @@ class CutProxy:
         self.port = 0
         self._cut = False
         self._server: asyncio.Server | None = None
-        self._links: set[tuple[asyncio.StreamWriter, ...]] = set()
-        self._stale: set[tuple[asyncio.StreamWriter, ...]] = set()
+        self._links: set[Link] = set()
+        self._stale: set[Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
@@ -56,16 +61,21 @@ class CutProxy:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _track(self, link: Link) -> None:
+        """A new connection; one made while cut is stale from the start (closed on heal)."""
+        self._links.add(link)
+        if self._cut:
+            self._stale.add(link)
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._cut:
-            link: tuple[asyncio.StreamWriter, ...] = (writer,)
-            self._links.add(link)
-            self._stale.add(link)
+            link: Link = (writer,)
+            self._track(link)
             self._spawn(self._drain(reader, link))
             return
         try:
@@ -74,13 +84,11 @@ class CutProxy:
             writer.close()
             return
         link = (writer, up_writer)
-        self._links.add(link)
-        if self._cut:
-            self._stale.add(link)
+        self._track(link)  # the cut may have come while this connection was being made
         self._spawn(self._pump(reader, up_writer, link))
         self._spawn(self._pump(up_reader, writer, link))
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: tuple) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link) -> None:
         try:
             while data := await reader.read(CHUNK):
                 if self._cut:
@@ -95,7 +103,7 @@ class CutProxy:
                     w.close()
                 self._links.discard(link)
 
-    async def _drain(self, reader: asyncio.StreamReader, link: tuple) -> None:
+    async def _drain(self, reader: asyncio.StreamReader, link: Link) -> None:
         with contextlib.suppress(OSError, ConnectionError):
             while await reader.read(CHUNK):
                 pass
