@@ -268,7 +268,7 @@ async def test_plugin_service_is_routed_across_nodes(harness: ClusterHarness, tm
     await harness.wait_rings_agree(nodes, 10)
     sys.path.insert(0, str(site))
     try:
-        import zstack_counter_plugin  # type: ignore[import-not-found]
+        import zstack_counter_plugin  # type: ignore[import-not-found]  # installed by the test into a temporary path
     finally:
         sys.path.remove(str(site))
     topology = Topology(harness.queue_prefix)

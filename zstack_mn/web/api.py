@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from zstack_mn import __version__
 from zstack_mn.messages import ErrorCode, Message, ZStackError
@@ -262,12 +264,12 @@ class Gate:
     BaseHTTPMiddleware costs a task per request, and a FastAPI dependency on every route costs
     more than the check."""
 
-    def __init__(self, app: Any, limit: int, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, limit: int, token: str | None) -> None:
         self.app = app
         self.limit = limit
         self.expected = f"Bearer {token}".encode() if token else None
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             authorization = None
             sized = False
@@ -294,7 +296,7 @@ class Gate:
     def _too_large(self) -> ZStackError:
         return ZStackError(ErrorCode.MESSAGE_TOO_LARGE, f"request body over {self.limit} bytes")
 
-    async def _read_at_most(self, receive: Any) -> bytes | None:
+    async def _read_at_most(self, receive: Receive) -> bytes | None:
         """The whole body of a request sent without a length; None once it passes the limit."""
         chunks: list[bytes] = []
         size = 0
@@ -311,11 +313,11 @@ class Gate:
                 return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Any) -> Any:
+def _replay(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that gives the app the body already read, then the connection's own events."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    pending: list[ASGIMessage] = [{"type": "http.request", "body": body, "more_body": False}]
 
-    async def replayed() -> Any:
+    async def replayed() -> ASGIMessage:
         return pending.pop() if pending else await receive()
 
     return replayed
