@@ -11,6 +11,7 @@ import pytest
 
 from tests.test_bus import SERVICE, EchoMsg, make_node, owned_by
 from zstack_mn.bus.topology import Topology
+from zstack_mn.bus.transport import QueueKind
 from zstack_mn.cluster.rescue import rescue_queues
 from zstack_mn.cluster.ring import LiveRing
 from zstack_mn.messages import ErrorCode, ZStackError
@@ -56,3 +57,15 @@ async def test_a_leaving_nodes_queue_goes_to_the_new_owner(make_transport, topol
     reply = await asyncio.wait_for(call, 10)
     assert reply == {"node": heir, "text": "queued"}
     assert len(heir_service.handled) == 1
+
+
+async def test_a_published_message_keeps_its_id_on_the_broker(make_transport, topology):
+    transport = await make_transport()
+    queue = topology.service_queue(SERVICE, str(uuid.uuid4()))
+    await transport.declare(queue, QueueKind.NODE)
+    await transport.publish(queue, b"{}", message_id="the-message-id")
+    got = await transport.take(queue)
+    assert got is not None
+    delivery, ack = got
+    await ack()
+    assert delivery.message_id == "the-message-id"

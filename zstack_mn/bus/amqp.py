@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -234,7 +233,7 @@ class AmqpTransport(Transport):
             raise TransportDown("transport is not started")
         message = aio_pika.Message(
             body,
-            message_id=uuid.uuid4().hex,
+            message_id=message_id,
             correlation_id=correlation_id,
             reply_to=reply_to,
             expiration=None if ttl_ms is None else max(ttl_ms, 1) / 1000,
@@ -261,7 +260,7 @@ class AmqpTransport(Transport):
                     ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
                     self._exchanges[exchange] = ex
                 await ex.publish(
-                    aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=topic, mandatory=False
+                    aio_pika.Message(body, message_id=message_id), routing_key=topic, mandatory=False
                 )
         except _DOWN_ERRORS as exc:
             raise TransportDown(f"event publish failed: {type(exc).__name__} {exc}") from exc

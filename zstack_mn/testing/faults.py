@@ -29,6 +29,7 @@ import httpx
 from sqlalchemy import func, select
 
 from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.cluster.membership import LIVENESS_TRUST_ROUNDS
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.db.engine import Database
 from zstack_mn.db.models import VmInstance
@@ -114,6 +115,7 @@ async def run_row(
         nodes = await harness.start_nodes(3 if special is None else 2)
         if special is not None:
             nodes.append(await harness.start_node(extra_env=special))
+        established_at = time.monotonic() + LIVENESS_TRUST_ROUNDS * row.timings.heartbeat
         await harness.wait_rings_agree(nodes, 15)
         observer.start()
         history = History(DEADLINE_S)
@@ -123,6 +125,7 @@ async def run_row(
         workload = Workload(
             harness.urls(nodes), vm_states, history, workers=workers, attempt_timeout=ATTEMPT_TIMEOUT_S, seed=seed
         )
+        await asyncio.sleep(max(established_at - time.monotonic(), 0.0))
         await asyncio.sleep(rng.uniform(1.0, 3.0))
         run.ring_at_injection = HashRing({n.uuid for n in nodes})
         run.injected_at = time.monotonic()
