@@ -259,9 +259,7 @@ class AmqpTransport(Transport):
                 if ex is None:
                     ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
                     self._exchanges[exchange] = ex
-                await ex.publish(
-                    aio_pika.Message(body, message_id=message_id), routing_key=topic, mandatory=False
-                )
+                await ex.publish(aio_pika.Message(body, message_id=message_id), routing_key=topic, mandatory=False)
         except _DOWN_ERRORS as exc:
             raise TransportDown(f"event publish failed: {type(exc).__name__} {exc}") from exc
 
