@@ -32,6 +32,13 @@ _HEARTBEAT = text(
 )
 
 
+_SESSION_GONE = text(
+    "WITH held AS (" + _HELD_ADVISORY_KEYS_SQL + ") "
+    "SELECT EXISTS (SELECT 1 FROM management_node n WHERE n.uuid <> :uuid AND n.state = :running "
+    "AND NOT EXISTS (SELECT 1 FROM held WHERE held.k = n.liveness_key)) AS gone"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class NodeRow:
     uuid: str
@@ -133,6 +140,12 @@ class NodeRepository:
                 NodeRow(r.uuid, r.host_name, r.http_address, r.state, r.liveness_key, r.ring_digest, float(r.age))
                 for r in rows
             ]
+
+    async def a_peer_session_is_gone(self, uuid: str) -> bool:
+        """Whether a RUNNING peer of ``uuid`` no longer holds its liveness lock (PostgreSQL): one
+        read, autocommit, for probing between heartbeats."""
+        row = await self.db.fetch_one(_SESSION_GONE, uuid=uuid, running=RUNNING)
+        return bool(row.gone)
 
     async def evict_if_stale(self, uuid: str, timeout: float) -> bool:
         """Delete ``uuid`` if its heartbeat is older than ``timeout`` (database time); True if this
