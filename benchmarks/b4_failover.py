@@ -8,7 +8,9 @@ cluster of its own: 3 ``zstack-mn start`` processes on RabbitMQ and PostgreSQL, 
 simulated agent with 6 hosts, 120 Running VMs. WORKERS HTTP clients send start, stop or reboot
 (at random) to random VMs, so several requests may be in flight on one VM; an INVALID_STATE
 answer is fine. Before the fault they use every node; from the fault on, only the survivors.
-The fault comes after WARMUP_S, at the first moment the victim has at least MIN_IN_FLIGHT
+The fault comes after WARMUP_S, once the cluster is established (three heartbeats after its nodes
+started: before that a node does not trust a peer's missing liveness lock, so a young cluster
+notices a crash only at the node timeout's pace), at the first moment the victim has at least MIN_IN_FLIGHT
 operations under way (polled in the database, for up to FAULT_WAIT_S), so that VMs caught in the
 middle of an operation are always among those measured.
 
@@ -48,6 +50,7 @@ import httpx
 
 from benchmarks.cluster_util import cluster, make_vms
 from zstack_mn.client import Client
+from zstack_mn.cluster.membership import LIVENESS_TRUST_ROUNDS
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.config import Settings
 from zstack_mn.messages import ErrorCode, ZStackError
@@ -222,6 +225,7 @@ class Round:
 async def one_round(url: str, prefix: str, sig: int, seed: int) -> Round:
     began = time.monotonic()
     async with cluster(url, prefix, NODES, heartbeat=HEARTBEAT_S, node_timeout=NODE_TIMEOUT_S, env=NODE_ENV) as h:
+        established = time.monotonic() + LIVENESS_TRUST_ROUNDS * HEARTBEAT_S
         agent = await h.start_agent()
         async with Client.http(h.urls(), timeout=60) as setup:
             vms = [vm["uuid"] for vm in await make_vms(setup, agent, VMS, hosts=HOSTS)]
@@ -239,6 +243,7 @@ async def one_round(url: str, prefix: str, sig: int, seed: int) -> Round:
         workers = [asyncio.create_task(load.worker(seed * 1000 + i)) for i in range(WORKERS)]
         try:
             await asyncio.sleep(WARMUP_S)
+            await asyncio.sleep(max(0.0, established - time.monotonic()))
             in_flight = await operations_on(db, victim.uuid)
             wait_until = time.monotonic() + FAULT_WAIT_S
             while len(in_flight) < MIN_IN_FLIGHT and time.monotonic() < wait_until:
