@@ -150,17 +150,24 @@ class Membership:
 
     async def _probe_peers(self) -> None:
         """Between heartbeats: when a peer's liveness lock is gone (its process died and
-        PostgreSQL closed its session), run the heartbeat round now, which evicts it, instead of
-        at the next tick. A crash is then noticed within a fraction of a heartbeat. A failed
-        probe says nothing (the heartbeat round reports database trouble)."""
-        if self.evicted or self._stopping or not self._trusts_liveness():
+        PostgreSQL closed its session) or its heartbeat has just passed ``node_timeout`` (it is
+        frozen or cut off), run the heartbeat round now, which evicts it, instead of at the next
+        tick: eviction comes within a fraction of a heartbeat of its cause. Each check only under
+        the trust the round itself needs to evict that way. A failed probe says nothing (the
+        heartbeat round reports database trouble)."""
+        if self.evicted or self._stopping:
+            return
+        sessions = self._trusts_liveness()
+        trusted_for = time.monotonic() - self.healthy_since if self.healthy_since is not None else 0.0
+        stale_after = self.settings.node_timeout if trusted_for >= self.settings.node_timeout else None
+        if not sessions and stale_after is None:
             return
         try:
             async with asyncio.timeout(self._round_timeout):
-                gone = await self.nodes.a_peer_session_is_gone(self.node_uuid)
+                dead = await self.nodes.a_peer_is_dead(self.node_uuid, sessions=sessions, stale_after=stale_after)
         except (ZStackError, TimeoutError, OSError):
             return
-        if gone:
+        if dead:
             self._heartbeat.wake()
 
     def _trusts_liveness(self) -> bool:

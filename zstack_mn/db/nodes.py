@@ -32,10 +32,12 @@ _HEARTBEAT = text(
 )
 
 
-_SESSION_GONE = text(
+_A_PEER_IS_DEAD = text(
     "WITH held AS (" + _HELD_ADVISORY_KEYS_SQL + ") "
-    "SELECT EXISTS (SELECT 1 FROM management_node n WHERE n.uuid <> :uuid AND n.state = :running "
-    "AND NOT EXISTS (SELECT 1 FROM held WHERE held.k = n.liveness_key)) AS gone"
+    "SELECT EXISTS (SELECT 1 FROM management_node n WHERE n.uuid <> :uuid AND n.state = :running AND ("
+    "(:sessions AND NOT EXISTS (SELECT 1 FROM held WHERE held.k = n.liveness_key)) "
+    "OR (:stale AND n.heartbeat < now() - make_interval(secs => :timeout))"
+    ")) AS dead"
 )
 
 
@@ -141,11 +143,19 @@ class NodeRepository:
                 for r in rows
             ]
 
-    async def a_peer_session_is_gone(self, uuid: str) -> bool:
-        """Whether a RUNNING peer of ``uuid`` no longer holds its liveness lock (PostgreSQL): one
-        read, autocommit, for probing between heartbeats."""
-        row = await self.db.fetch_one(_SESSION_GONE, uuid=uuid, running=RUNNING)
-        return bool(row.gone)
+    async def a_peer_is_dead(self, uuid: str, *, sessions: bool, stale_after: float | None) -> bool:
+        """Whether a RUNNING peer of ``uuid`` no longer holds its liveness lock (with
+        ``sessions``) or has a heartbeat older than ``stale_after`` seconds (PostgreSQL, database
+        time): one autocommit read, for probing between heartbeats."""
+        row = await self.db.fetch_one(
+            _A_PEER_IS_DEAD,
+            uuid=uuid,
+            running=RUNNING,
+            sessions=sessions,
+            stale=stale_after is not None,
+            timeout=stale_after or 0.0,
+        )
+        return bool(row.dead)
 
     async def evict_if_stale(self, uuid: str, timeout: float) -> bool:
         """Delete ``uuid`` if its heartbeat is older than ``timeout`` (database time); True if this
