@@ -79,7 +79,9 @@ class HostVmSync:
         if not seen:
             return 0
         real = await self._states(agent_url)
-        return await self._tell(host_uuid, [(vm, VmState.RUNNING) for vm in seen if real.get(vm.uuid) == "Running"])
+        return await self._tell(
+            host_uuid, [(vm, VmState.RUNNING) for vm in seen if real.get(vm.uuid) == VmState.RUNNING]
+        )
 
     async def _states(self, agent_url: str) -> dict[str, str]:
         return {v.uuid: v.state for v in (await self.agents.list_vms(agent_url)).vms}

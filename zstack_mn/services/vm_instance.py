@@ -47,6 +47,8 @@ CREATE_ATTEMPTS = 3
 TAKEOVER_POLL_S = 0.05
 TAKEOVER_POLL_MAX_S = 0.5
 OTHER_NODE_MARGIN_S = 0.5
+OTHER_NODE_WAITS = 8
+"""At most this many operations of another node waited for before one begins (then INVALID_STATE)."""
 ABSENT = "Absent"
 """What a VM is when no agent it may be on lists it."""
 
@@ -173,7 +175,7 @@ class VmInstanceService(Service):
         op = s.OPERATIONS[name]
         await self.wait_unfenced(req)
         place = PLACE_TARGET if name == "migrate" else PLACE_HOST if name == "start" else None
-        while True:
+        for attempt in range(OTHER_NODE_WAITS + 1):
             t = await self.transitions.begin(
                 uuid,
                 op_id=req.envelope.id,
@@ -184,7 +186,12 @@ class VmInstanceService(Service):
                 place=place,
                 only=target,
             )
-            if t.outcome is not Outcome.INVALID_STATE or t.vm is None or not await self._await_other_node(t.vm, req):
+            if (
+                attempt == OTHER_NODE_WAITS
+                or t.outcome is not Outcome.INVALID_STATE
+                or t.vm is None
+                or not await self._await_other_node(t.vm, req)
+            ):
                 break
         vm = t.vm
         if t.outcome is Outcome.MISSING or vm is None:
