@@ -158,8 +158,7 @@ class Membership:
         if self.evicted or self._stopping:
             return
         sessions = self._trusts_liveness()
-        trusted_for = time.monotonic() - self.healthy_since if self.healthy_since is not None else 0.0
-        stale_after = self.settings.node_timeout if trusted_for >= self.settings.node_timeout else None
+        stale_after = self.settings.node_timeout if self._trusts_timeouts(time.monotonic()) else None
         if not sessions and stale_after is None:
             return
         try:
@@ -169,6 +168,11 @@ class Membership:
             return
         if dead:
             self._heartbeat.wake()
+
+    def _trusts_timeouts(self, now: float) -> bool:
+        """A peer's stale heartbeat means death only after ``node_timeout`` of our own
+        uninterrupted success (a database outage must not evict everyone)."""
+        return now - (self.healthy_since or now) >= self.settings.node_timeout
 
     def _trusts_liveness(self) -> bool:
         """A peer's missing lock means death only once our own lock is a few rounds old: after a
@@ -266,8 +270,7 @@ class Membership:
         self._apply(rows)
 
     async def _evict_dead(self, rows: list[NodeRow], now: float) -> None:
-        trusted_for = now - (self.healthy_since or now)
-        use_timeout = trusted_for >= self.settings.node_timeout
+        use_timeout = self._trusts_timeouts(now)
         use_liveness = self._trusts_liveness()
         for row in rows:
             if row.uuid == self.node_uuid:

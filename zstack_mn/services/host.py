@@ -12,6 +12,7 @@ of a lost host; the agent's state for the VMs of a host that is back), and the o
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -161,30 +162,29 @@ class HostService(Service):
 
     async def _trace_once(self) -> None:
         """Every connected host this node owns: its VMs as its agent sees them, to their owners."""
-        slots = asyncio.Semaphore(SYNC_CONCURRENCY)
-
-        async def trace(uuid: str, url: str) -> None:
-            async with slots, self.chains.serial(uuid):
-                if not self.ctx.is_fenced() and self.ctx.ring.is_mine(uuid):
-                    await self._sync(uuid, url)
-
-        after = ""
-        while page := await self.hosts.page(after, TRACKER_PAGE):
-            mine = [h for h in page if h.status == CONNECTED and self.ctx.ring.is_mine(h.uuid)]
-            await asyncio.gather(*(trace(h.uuid, h.agent_url) for h in mine))
-            after = page[-1].uuid
+        await self._each_owned_host(self._sync, SYNC_CONCURRENCY, connected_only=True)
 
     async def _track_once(self) -> None:
-        slots = asyncio.Semaphore(PING_CONCURRENCY)
+        await self._each_owned_host(self._ping_one, PING_CONCURRENCY, connected_only=False)
 
-        async def ping(uuid: str, url: str) -> None:
+    async def _each_owned_host(
+        self, work: Callable[[str, str], Awaitable[None]], concurrency: int, *, connected_only: bool
+    ) -> None:
+        """``work(uuid, agent_url)`` for every host the ring gives this node (paged, at most
+        ``concurrency`` at once, each in the host's chain, skipped while the node is fenced or
+        once the host is no longer its own); a failure is logged and the others go on."""
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(uuid: str, url: str) -> None:
             async with slots, self.chains.serial(uuid):
-                if self.ctx.is_fenced() or not self.ctx.ring.is_mine(uuid):
-                    return
-                await self._ping_one(uuid, url)
+                if not self.ctx.is_fenced() and self.ctx.ring.is_mine(uuid):
+                    await work(uuid, url)
 
         after = ""
         while page := await self.hosts.page(after, TRACKER_PAGE):
-            mine = [h for h in page if self.ctx.ring.is_mine(h.uuid)]
-            await asyncio.gather(*(ping(h.uuid, h.agent_url) for h in mine), return_exceptions=True)
+            mine = [h for h in page if (h.status == CONNECTED or not connected_only) and self.ctx.ring.is_mine(h.uuid)]
+            results = await asyncio.gather(*(one(h.uuid, h.agent_url) for h in mine), return_exceptions=True)
+            for host, result in zip(mine, results, strict=True):
+                if isinstance(result, Exception):
+                    log.warning("host tracking failed for one host", host=host.uuid, error=repr(result))
             after = page[-1].uuid
