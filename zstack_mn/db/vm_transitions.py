@@ -19,7 +19,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -125,20 +125,13 @@ def _record(raw: str | None) -> VmRow | None:
 
 
 class PostgresVmTransitions:
-    """The server-side functions of migration 0002."""
+    """The server-side functions of migration 0002, each one call on the driver (``fetch_row``)."""
 
-    _BEGIN = text(
-        "SELECT outcome, vm, agent_url, recorded, previous FROM zstack_vm_begin("
-        ":uuid, :op_id, :op_node, :op_key, :allowed, :transient, :final, :place, :only)"
+    _BEGIN = (
+        "SELECT outcome, vm, agent_url, recorded, previous FROM zstack_vm_begin($1, $2, $3, $4, $5, $6, $7, $8, $9)"
     )
-    _FINISH = text(
-        "SELECT outcome, vm, recorded FROM zstack_vm_finish("
-        ":uuid, :version, :state, :host_uuid, :last_host_uuid, :target_host_uuid, :release, :op_key)"
-    )
-    _CREATE = text(
-        "SELECT outcome, vm, agent_url, recorded FROM zstack_vm_create("
-        ":uuid, :name, :cpu, :memory, :only, :state, :op_id, :op_node, :op_key)"
-    )
+    _FINISH = "SELECT outcome, vm, recorded FROM zstack_vm_finish($1, $2, $3, $4, $5, $6, $7, $8)"
+    _CREATE = "SELECT outcome, vm, agent_url, recorded FROM zstack_vm_create($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -155,36 +148,40 @@ class PostgresVmTransitions:
         place: str | None,
         only: str | None,
     ) -> Transition:
-        row = await self.db.fetch_one(
+        row = await self.db.fetch_row(
             self._BEGIN,
-            uuid=uuid,
-            op_id=op_id,
-            op_node=op_node,
-            op_key=OPERATION_PREFIX + op_id,
-            allowed=sorted(allowed),
-            transient=transient,
-            final=final,
-            place=place,
-            only=only,
+            uuid,
+            op_id,
+            op_node,
+            OPERATION_PREFIX + op_id,
+            sorted(str(state) for state in allowed),
+            str(transient),
+            str(final),
+            place,
+            only,
         )
         return Transition(
-            Outcome(row.outcome), _row(row.vm), row.agent_url, _record(row.recorded), _state(row.previous)
+            Outcome(row["outcome"]),
+            _row(row["vm"]),
+            row["agent_url"],
+            _record(row["recorded"]),
+            _state(row["previous"]),
         )
 
     async def finish(self, vm: VmRow, to: Finish) -> Transition:
         assert vm.op_id is not None
-        row = await self.db.fetch_one(
+        row = await self.db.fetch_row(
             self._FINISH,
-            uuid=vm.uuid,
-            version=vm.version,
-            state=to.state,
-            host_uuid=to.host_uuid,
-            last_host_uuid=to.last_host_uuid,
-            target_host_uuid=to.target_host_uuid,
-            release=to.release,
-            op_key=OPERATION_PREFIX + vm.op_id,
+            vm.uuid,
+            vm.version,
+            str(to.state),
+            to.host_uuid,
+            to.last_host_uuid,
+            to.target_host_uuid,
+            to.release,
+            OPERATION_PREFIX + vm.op_id,
         )
-        return Transition(Outcome(row.outcome), _row(row.vm), None, _record(row.recorded))
+        return Transition(Outcome(row["outcome"]), _row(row["vm"]), None, _record(row["recorded"]))
 
     async def create(
         self,
@@ -198,25 +195,15 @@ class PostgresVmTransitions:
         op_id: str,
         op_node: str,
     ) -> Transition:
-        params = {
-            "uuid": uuid,
-            "name": name,
-            "cpu": cpu_num,
-            "memory": memory_size,
-            "only": only,
-            "state": state,
-            "op_id": op_id,
-            "op_node": op_node,
-            "op_key": OPERATION_PREFIX + op_id,
-        }
+        args = (uuid, name, cpu_num, memory_size, only, str(state), op_id, op_node, OPERATION_PREFIX + op_id)
         try:
-            row = await self.db.fetch_one(self._CREATE, **params)
+            row = await self.db.fetch_row(self._CREATE, *args)
         except IntegrityError:
             try:
-                row = await self.db.fetch_one(self._CREATE, **params)
+                row = await self.db.fetch_row(self._CREATE, *args)
             except IntegrityError:
                 raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"vm {uuid} already exists", uuid=uuid) from None
-        return Transition(Outcome(row.outcome), _row(row.vm), row.agent_url, _record(row.recorded))
+        return Transition(Outcome(row["outcome"]), _row(row["vm"]), row["agent_url"], _record(row["recorded"]))
 
 
 class SqlVmTransitions:
