@@ -286,3 +286,51 @@ async def test_a_host_is_disconnected_after_the_configured_missed_pings(hosts: F
     [event] = hosts.bus.events_of(HostStatusChangedEvent)
     assert (event.host_uuid, event.old_status, event.new_status) == (host, "Connected", "Disconnected")
     assert len(hosts.agents.calls_of("ping")) == misses
+
+
+async def test_the_tracker_reads_the_host_table_only_after_a_ring_change_or_every_few_runs(
+    hosts: Fakes[HostService],
+):
+    """What a node reads per tracking period follows its own hosts: the table is paged after a
+    ring change (and every OWNED_HOSTS_REREAD_RUNS runs, the safety net), not every period; a host
+    added through this node is tracked at once; after a change only the hosts it owns are pinged."""
+    from zstack_mn.services.host import OWNED_HOSTS_REREAD_RUNS
+
+    first = {await hosts.add_host(f"h{i}") for i in range(6)}
+
+    def pinged_since(mark: int) -> set[str]:
+        return {c.agent_url for c in hosts.agents.calls_of("ping")[mark:]}
+
+    await hosts.service._track_once()
+    assert hosts.service.owned.reads == 1
+    assert pinged_since(0) == {agent_url_of(f"h{i}") for i in range(6)}
+
+    mark = len(hosts.agents.calls_of("ping"))
+    added = await hosts.handle(AddHostMsg(name="h6", agent_url=agent_url_of("h6")), msg_id="add-6")
+    await hosts.service._track_once()
+    assert hosts.service.owned.reads == 1
+    assert agent_url_of("h6") in pinged_since(mark)
+
+    other = "00000000-0000-4000-8000-0000000000aa"
+    hosts.ring.replace([hosts.ctx.node_uuid, other])
+    hosts.service.on_ring_changed()
+    mark = len(hosts.agents.calls_of("ping"))
+    await hosts.service._track_once()
+    assert hosts.service.owned.reads == 2
+    names = {uuid: name for name, uuid in hosts.hosts.items()} | {added["uuid"]: "h6"}
+    mine = {agent_url_of(names[h]) for h in first | {added["uuid"]} if hosts.ring.is_mine(h)}
+    assert 0 < len(mine) < 7
+    assert pinged_since(mark) == mine
+
+    hosts.ring.replace([hosts.ctx.node_uuid])
+    hosts.service.on_ring_changed()
+    await hosts.service._track_once()
+    late = await hosts.add_host("h7")  # written by another node while rings disagreed: not seen yet
+    for _ in range(OWNED_HOSTS_REREAD_RUNS - 1):
+        await hosts.service._track_once()
+    assert hosts.service.owned.reads == 3
+    mark = len(hosts.agents.calls_of("ping"))
+    await hosts.service._track_once()
+    assert hosts.service.owned.reads == 4
+    assert agent_url_of("h7") in pinged_since(mark)
+    assert late in hosts.hosts.values()

@@ -16,6 +16,7 @@ from zstack_mn.messages.states import HostState, HostStatus, VmState
 
 ENABLED, DISABLED, MAINTENANCE = HostState.ENABLED, HostState.DISABLED, HostState.MAINTENANCE
 CONNECTED, DISCONNECTED = HostStatus.CONNECTED, HostStatus.DISCONNECTED
+STATUS_CHUNK = 1000
 STATE_EVENTS = {"enable": ENABLED, "disable": DISABLED, "maintain": MAINTENANCE}
 
 HOST = HOST_TABLE
@@ -159,6 +160,17 @@ class HostRepository:
             .values(cpu_available=HOST.c.cpu_available + cpu, memory_available=HOST.c.memory_available + memory)
         )
 
+    async def connected_among(self, uuids: list[str]) -> set[str]:
+        """Which of ``uuids`` are Connected (read ``STATUS_CHUNK`` at a time)."""
+        connected: set[str] = set()
+        async with self.db.begin() as conn:
+            for i in range(0, len(uuids), STATUS_CHUNK):
+                rows = await conn.execute(
+                    select(HOST.c.uuid).where(HOST.c.uuid.in_(uuids[i : i + STATUS_CHUNK]), HOST.c.status == CONNECTED)
+                )
+                connected.update(r.uuid for r in rows)
+        return connected
+
     async def page(self, after: str, limit: int) -> list[HostSeen]:
         """The hosts in uuid order after ``after`` (for trackers paging through many hosts)."""
         async with self.db.begin() as conn:
@@ -170,11 +182,30 @@ class HostRepository:
             )
             return [HostSeen(r.uuid, r.agent_url, HostStatus(r.status)) for r in rows]
 
-    async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[HostInventory]]:
+    async def query(
+        self,
+        filters: dict[str, Any],
+        limit: int,
+        start: int = 0,
+        *,
+        after: str | None = None,
+        count: bool = True,
+        rows: bool = True,
+    ) -> tuple[int | None, list[HostInventory]]:
+        """The hosts equal to ``filters`` (by column), in uuid order: ``limit`` of them after the
+        uuid ``after`` (through an index, whatever the depth), skipping the first ``start``. The total
+        of every match, or None when ``count`` is false (it is the one part whose cost grows with
+        the table); no rows when ``rows`` is false."""
         cond = and_(*[getattr(HOST.c, k) == v for k, v in filters.items()]) if filters else true()
+        total: int | None = None
+        found: list[HostInventory] = []
         async with self.db.begin() as conn:
-            total = (await conn.execute(select(func.count()).select_from(HOST).where(cond))).scalar_one()
-            rows = await conn.execute(
-                select(HOST).where(cond).order_by(HOST.c.created_at, HOST.c.uuid).limit(limit).offset(start)
-            )
-            return int(total), [host_inventory(HostRow.of(r._mapping)) for r in rows]
+            if count:
+                total = int((await conn.execute(select(func.count()).select_from(HOST).where(cond))).scalar_one())
+            if rows:
+                page = select(HOST).where(cond)
+                if after is not None:
+                    page = page.where(HOST.c.uuid > after)
+                result = await conn.execute(page.order_by(HOST.c.uuid).limit(limit).offset(start))
+                found = [host_inventory(HostRow.of(r._mapping)) for r in result]
+        return total, found

@@ -1,9 +1,11 @@
 """The ``host`` service: add / reconnect / change state / delete hosts, allocate capacity, and
 track (ping) the hosts this node owns by the ring.
 
-The tracker pages through all hosts (10,000 are fine), pings the ones the ring gives this node
-(bounded concurrency), and restarts at once on every ring change, so a dead node's hosts are
-tracked by their new owners within a heartbeat. An agent that misses ``host_ping_failures`` pings
+The tracker pings the hosts the ring gives this node (bounded concurrency) and runs again at once
+on every ring change, so a dead node's hosts are tracked by their new owners within a heartbeat.
+Which hosts are its own the node keeps in memory (``OwnedHosts``): it pages through the host table
+only after a ring change and every ``OWNED_HOSTS_REREAD_RUNS`` runs, and otherwise reads only its
+own hosts, so what a node reads per period follows its share of the hosts, not the cluster's. An agent that misses ``host_ping_failures`` pings
 marks its host Disconnected; when it answers again the host is Connected. The host side never
 writes a VM: it sends ``VmStateChangedOnHostMsg`` to each VM's owner (Unknown for the running VMs
 of a lost host; the agent's state for the VMs of a host that is back), and the owner decides.
@@ -19,6 +21,7 @@ import structlog
 from sqlalchemy.exc import IntegrityError
 
 from zstack_mn.bus.cloudbus import Request
+from zstack_mn.cluster.ring import LiveRing
 from zstack_mn.db.hosts import (
     CONNECTED,
     DISCONNECTED,
@@ -47,6 +50,54 @@ log = structlog.get_logger(__name__)
 TRACKER_PAGE = 1000
 PING_CONCURRENCY = 64
 SYNC_CONCURRENCY = 16
+OWNED_HOSTS_REREAD_RUNS = 12
+"""A full read of the host table every this many tracker runs besides every ring change: a
+safety net for a host added or deleted by another node while two rings disagreed."""
+
+
+class OwnedHosts:
+    """The hosts the ring gives this node (uuid → agent URL), read from the host table after a
+    ring change and every ``OWNED_HOSTS_REREAD_RUNS`` uses, kept current in between by this
+    node's own adds and deletes (a host's messages are routed to its owner, so they come here)."""
+
+    def __init__(self, hosts: HostRepository, ring: LiveRing) -> None:
+        self._hosts = hosts
+        self._ring = ring
+        self._owned: dict[str, str] | None = None
+        self._generation = 0
+        self._uses = 0
+        self.reads = 0
+        """Full reads of the host table so far (for tests and metrics)."""
+
+    def invalidate(self) -> None:
+        """The ring changed: the next use reads the table again."""
+        self._owned = None
+        self._generation += 1
+
+    def added(self, uuid: str, agent_url: str) -> None:
+        if self._owned is not None and self._ring.is_mine(uuid):
+            self._owned[uuid] = agent_url
+
+    def removed(self, uuid: str) -> None:
+        if self._owned is not None:
+            self._owned.pop(uuid, None)
+
+    async def get(self) -> dict[str, str]:
+        """uuid → agent URL of the hosts this node owns now (a copy)."""
+        self._uses += 1
+        if self._owned is None or self._uses > OWNED_HOSTS_REREAD_RUNS:
+            generation = self._generation
+            owned: dict[str, str] = {}
+            after = ""
+            while page := await self._hosts.page(after, TRACKER_PAGE):
+                owned.update((h.uuid, h.agent_url) for h in page if self._ring.is_mine(h.uuid))
+                after = page[-1].uuid
+            self.reads += 1
+            self._uses = 1
+            if generation != self._generation:
+                return owned  # the ring changed during the read: the next use reads again
+            self._owned = owned
+        return dict(self._owned)
 
 
 class HostService(Service):
@@ -56,6 +107,7 @@ class HostService(Service):
         super().__init__(ctx)
         self.hosts = HostRepository(ctx.db)
         self._failures: dict[str, int] = {}
+        self.owned = OwnedHosts(self.hosts, ctx.ring)
         self.vm_sync = HostVmSync(VmRepository(ctx.db), ctx.agents, ctx.bus)
         self._tracker = Periodic("host-tracker", self._track_once, ctx.settings.host_ping_interval)
         self._tracer = Periodic("vm-tracer", self._trace_once, ctx.settings.vm_sync_interval, first_run_delayed=True)
@@ -69,6 +121,7 @@ class HostService(Service):
         await self._tracker.stop()
 
     def on_ring_changed(self) -> None:
+        self.owned.invalidate()
         self._tracker.wake()
 
     async def _inventory(self, uuid: str) -> dict[str, Any]:
@@ -91,6 +144,7 @@ class HostService(Service):
             await self.hosts.insert(uuid, msg.name, url, facts.cpu_num, facts.memory_size)
         except IntegrityError:
             raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"host {uuid} already exists", uuid=uuid) from None
+        self.owned.added(uuid, url)
         log.info("host added", host=uuid, cpu=facts.cpu_num, memory=facts.memory_size)
         return await self._inventory(uuid)
 
@@ -113,6 +167,7 @@ class HostService(Service):
     async def delete(self, msg: DeleteHostMsg, req: Request) -> dict[str, Any]:
         if await self.hosts.delete_if_unused(msg.uuid):
             self._failures.pop(msg.uuid, None)
+            self.owned.removed(msg.uuid)
             return {"uuid": msg.uuid, "deleted": True}
         if not await self.hosts.exists(msg.uuid):
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"host {msg.uuid} not found", uuid=msg.uuid)
@@ -138,7 +193,9 @@ class HostService(Service):
         if reachable:
             self._failures.pop(uuid, None)
             previous = await self.hosts.set_status(uuid, CONNECTED)
-            if previous not in (None, CONNECTED):
+            if previous is None:
+                self.owned.removed(uuid)
+            elif previous != CONNECTED:
                 await self.bus.publish(
                     HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=CONNECTED)
                 )
@@ -149,7 +206,9 @@ class HostService(Service):
         if failures < self.ctx.settings.host_ping_failures:
             return
         previous = await self.hosts.set_status(uuid, DISCONNECTED)
-        if previous not in (None, DISCONNECTED):
+        if previous is None:
+            self.owned.removed(uuid)
+        elif previous != DISCONNECTED:
             await self.bus.publish(HostStatusChangedEvent(host_uuid=uuid, old_status=previous, new_status=DISCONNECTED))
             log.warning("host disconnected", host=uuid)
             await self.vm_sync.host_lost(uuid)
@@ -170,9 +229,10 @@ class HostService(Service):
     async def _each_owned_host(
         self, work: Callable[[str, str], Awaitable[None]], concurrency: int, *, connected_only: bool
     ) -> None:
-        """``work(uuid, agent_url)`` for every host the ring gives this node (paged, at most
+        """``work(uuid, agent_url)`` for every host the ring gives this node (``OwnedHosts``; the
+        tracer's ``connected_only`` reads their statuses, and only theirs), at most
         ``concurrency`` at once, each in the host's chain, skipped while the node is fenced or
-        once the host is no longer its own); a failure is logged and the others go on."""
+        once the host is no longer its own; a failure is logged and the others go on."""
         slots = asyncio.Semaphore(concurrency)
 
         async def one(uuid: str, url: str) -> None:
@@ -180,11 +240,12 @@ class HostService(Service):
                 if not self.ctx.is_fenced() and self.ctx.ring.is_mine(uuid):
                     await work(uuid, url)
 
-        after = ""
-        while page := await self.hosts.page(after, TRACKER_PAGE):
-            mine = [h for h in page if (h.status == CONNECTED or not connected_only) and self.ctx.ring.is_mine(h.uuid)]
-            results = await asyncio.gather(*(one(h.uuid, h.agent_url) for h in mine), return_exceptions=True)
-            for host, result in zip(mine, results, strict=True):
-                if isinstance(result, Exception):
-                    log.warning("host tracking failed for one host", host=host.uuid, error=repr(result))
-            after = page[-1].uuid
+        owned = await self.owned.get()
+        if connected_only:
+            connected = await self.hosts.connected_among(list(owned))
+            owned = {uuid: url for uuid, url in owned.items() if uuid in connected}
+        mine = list(owned.items())
+        results = await asyncio.gather(*(one(uuid, url) for uuid, url in mine), return_exceptions=True)
+        for (uuid, _), result in zip(mine, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("host tracking failed for one host", host=uuid, error=repr(result))
