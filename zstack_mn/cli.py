@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from zstack_mn.config import ConfigError, Settings, load_settings
+from zstack_mn.config import ZSTACK_ADMIN_ACCOUNT, ZSTACK_DEFAULT_PASSWORD, ConfigError, Settings, load_settings
 from zstack_mn.logging import configure_logging, redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="zstack-mn: a stateless management node.")
@@ -76,9 +76,9 @@ def start(
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
-        return await node.run()
+        return await node.run(on_started=settle_heap)
 
-    from zstack_mn.event_loop import run
+    from zstack_mn.event_loop import run, settle_heap
 
     try:
         code = run(main(), settings.event_loop)
@@ -166,6 +166,13 @@ def api(
     token: str | None = typer.Option(None, envvar="ZSTACK_MN_API_TOKEN"),
     list_apis: bool = typer.Option(False, "--list", help="List the APIs and their fields."),
     timeout: float = typer.Option(30.0, min=0.1),
+    plain: bool = typer.Option(False, "--plain", help="Use the plain /v1 API instead of ZStack's /zstack/v1."),
+    account: str = typer.Option(
+        ZSTACK_ADMIN_ACCOUNT, "--account", envvar="ZSTACK_MN_API_ACCOUNT", help="ZStack API account."
+    ),
+    password: str = typer.Option(
+        ZSTACK_DEFAULT_PASSWORD, "--password", envvar="ZSTACK_MN_API_PASSWORD", help="ZStack API password (plain text)."
+    ),
 ) -> None:
     """Call an API in the manner of zstack-cli: `zstack-mn api StartVmInstance uuid=...`."""
     from zstack_mn.cli_api import describe_apis, parse_call, run_call
@@ -180,7 +187,7 @@ def api(
     except ValueError as exc:
         _fail(str(exc), 2)
     urls = (url or "http://127.0.0.1:8080").split(",")
-    ok, payload = asyncio.run(run_call(msg, urls, token, timeout))
+    ok, payload = asyncio.run(run_call(msg, urls, token, timeout, plain=plain, account=account, password=password))
     typer.echo(json.dumps(payload, indent=2, default=str))
     if not ok:
         raise typer.Exit(1)

@@ -16,6 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "ZSTACK_MN_"
 DEFAULT_DATA_DIR = Path.home() / ".zstack-mn"
+ZSTACK_ADMIN_ACCOUNT = "admin"
+"""The name of ZStack's initial account (the ZStack API's ``admin``; its clients log in as it)."""
+ZSTACK_DEFAULT_PASSWORD = "password"
+"""The password of ZStack's initial ``admin`` account, which its clients assume out of the box."""
 
 
 class ConfigError(Exception):
@@ -42,7 +46,7 @@ class Settings(BaseSettings):
     rejoin_timeout: float = Field(300.0, ge=0, le=86_400)
     drain_timeout: float = Field(15.0, ge=0, le=600)
 
-    db_pool_size: int = Field(5, ge=1, le=1_000)
+    db_pool_size: int = Field(10, ge=1, le=1_000)
     db_max_overflow: int = Field(0, ge=0, le=1_000)
 
     call_timeout: float = Field(30.0, gt=0, le=3600)
@@ -61,6 +65,18 @@ class Settings(BaseSettings):
     embedded_agent: bool | None = None
     embedded_agent_port: int = Field(0, ge=0, le=65535)
 
+    admin_password: str | None = Field(None, min_length=1, max_length=255)
+    """The ZStack API's ``admin`` account, created at first start with this password. Embedded
+    mode defaults to ZStack's own default (``password``); a cluster creates no admin account
+    without it, and refuses ZStack's default unless ``allow_default_admin_password`` is set."""
+    allow_default_admin_password: bool = False
+    session_timeout: float = Field(7200.0, gt=0, le=30 * 86400)
+    """Seconds a ZStack API session lasts after its login (ZStack's default: 7200)."""
+    kvm_agent_url: str = Field(
+        "http://{managementIp}:7070/hosts/{managementIp}", pattern=r"^https?://.*\{managementIp\}", max_length=512
+    )
+    """ZStack's AddKVMHost names a host by ``managementIp``; this template makes its agent URL."""
+
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -72,6 +88,36 @@ class Settings(BaseSettings):
         if self.fence_after is not None and self.fence_after >= self.node_timeout:
             raise ValueError("fence_after must be shorter than node_timeout")
         return self
+
+    @model_validator(mode="after")
+    def _check_admin_password(self) -> Settings:
+        if (
+            not self.is_embedded
+            and self.admin_password == ZSTACK_DEFAULT_PASSWORD
+            and not self.allow_default_admin_password
+        ):
+            raise ValueError(
+                "admin_password: ZStack's default password is refused for a cluster; choose another "
+                "or set allow_default_admin_password=true"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_kvm_agent_url(self) -> Settings:
+        try:  # checked at start, or every AddKVMHost would fail on it
+            self.kvm_agent_url.format(managementIp="10.0.0.1")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"kvm_agent_url: {{managementIp}} is its only placeholder (write a literal brace twice): {exc!r}"
+            ) from None
+        return self
+
+    @property
+    def initial_admin_password(self) -> str | None:
+        """The password the ``admin`` account gets when it is created; None: no admin account."""
+        if self.admin_password is not None:
+            return self.admin_password
+        return ZSTACK_DEFAULT_PASSWORD if self.is_embedded else None
 
     @property
     def fence_after_s(self) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid as uuidlib
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -123,7 +124,7 @@ class Node:
     async def __aexit__(self, *exc: Any) -> None:
         await self.shutdown()
 
-    async def run(self) -> int:
+    async def run(self, on_started: Callable[[], None] | None = None) -> int:
         """Start, serve until asked to stop; on eviction rejoin with a new uuid (or exit 3).
 
         A rejoin that cannot start (the database or the broker still out of reach: the reason
@@ -144,6 +145,8 @@ class Node:
                 self._reset()
                 continue
             rejoin_deadline, delay = None, REJOIN_FIRST_DELAY_S
+            if on_started is not None:
+                on_started()
             try:
                 await self.wait()
             finally:
