@@ -1,4 +1,4 @@
-"""``python -m benchmarks [b1 … b8] [--seconds S] [--quick]``: run the scenarios of
+"""``python -m benchmarks [b1 … b9] [--seconds S] [--quick]``: run the scenarios of
 docs/BENCH.md against the real RabbitMQ and PostgreSQL (a fresh vhost and database per run,
 removed afterwards), write JSON and a markdown table under ``benchmarks/results/``, and leave
 nothing running."""
@@ -22,7 +22,7 @@ from benchmarks.common import machine
 from zstack_mn.testing import servers
 
 RESULTS = Path(__file__).parent / "results"
-ALL = ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8")
+ALL = ("b1", "b2", "b3", "b4", "b5", "b6", "b7", "b8", "b9")
 
 
 def commit() -> str:
@@ -35,7 +35,17 @@ def commit() -> str:
 
 
 async def main(scenarios: list[str], seconds: float, quick: bool) -> dict[str, Any]:
-    from benchmarks import b1_bus, b2_api, b3_scale, b4_failover, b5_ring, b6_memory, b7_inflight, b8_nodes
+    from benchmarks import (
+        b1_bus,
+        b2_api,
+        b3_scale,
+        b4_failover,
+        b5_ring,
+        b6_memory,
+        b7_inflight,
+        b8_nodes,
+        b9_queries,
+    )
 
     modules = {
         "b1": b1_bus,
@@ -46,6 +56,7 @@ async def main(scenarios: list[str], seconds: float, quick: bool) -> dict[str, A
         "b6": b6_memory,
         "b7": b7_inflight,
         "b8": b8_nodes,
+        "b9": b9_queries,
     }
     vhost = servers.new_vhost() if any(s != "b5" for s in scenarios) else ""
     url = servers.amqp_url(vhost) if vhost else ""
@@ -77,7 +88,7 @@ def cli() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("scenarios", nargs="*", help=f"any of {' '.join(ALL)} (default: all)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per load point")
-    parser.add_argument("--quick", action="store_true", help="smaller B3/B6/B7/B8 sizes, for a smoke run")
+    parser.add_argument("--quick", action="store_true", help="smaller B3/B6/B7/B8/B9 sizes, for a smoke run")
     args = parser.parse_args()
     scenarios = args.scenarios or list(ALL)
     unknown = [s for s in scenarios if s not in ALL]

@@ -286,6 +286,35 @@ def _b8(b: dict[str, Any]) -> list[str]:
     return [*lines, "First error of each code:", "", *errors, ""] if errors else lines
 
 
+B9_LABELS = {
+    "page1": "first page (limit 100)",
+    "deepPage": "deep page (`after`, 200 rows from the end)",
+    "byName": "filter by name",
+    "byStateAndHost": "filter by state and host",
+    "deepPageByStart": "deep page by `start` (offset; no target)",
+    "count": "`count=true` (no target)",
+}
+
+
+def _b9(b: dict[str, Any]) -> list[str]:
+    sizes = [r["vms"] for r in b["rows"]]
+    lines = [
+        "## B9 — VM queries over HTTP, one node, PostgreSQL (median / p99 ms)",
+        "",
+        "| query | " + " | ".join(f"{n:,} VMs" for n in sizes) + " | target at the largest |",
+        "| --- | " + " | ".join("---" for _ in sizes) + " | --- |",
+    ]
+    for key, label in B9_LABELS.items():
+        cells = [f"{r['queries'][key]['p50Ms']:.1f} / {r['queries'][key]['p99Ms']:.1f}" for r in b["rows"]]
+        if key in b["targeted"]:
+            ok = b["rows"][-1]["queries"][key]["p50Ms"] <= b["targetMs"]
+            target = f"≤ {b['targetMs']:g} ms median: {verdict(ok)}"
+        else:
+            target = "—"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {target} |")
+    return [*lines, ""]
+
+
 SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "b1": _b1,
     "b2": _b2,
@@ -295,4 +324,5 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "b6": _b6,
     "b7": _b7,
     "b8": _b8,
+    "b9": _b9,
 }

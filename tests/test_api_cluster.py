@@ -60,7 +60,7 @@ async def exercise_every_api(client: Client, agent: str, tag: str) -> dict[str, 
     assert err.value.code is ErrorCode.NO_CAPACITY
     reconnected = await client.send(APIReconnectHostMsg(uuid=h1["uuid"]))
     assert reconnected["inventory"]["status"] == "Connected"
-    page = await client.query_vms(name=f"{tag}-vm0")
+    page = await client.query_vms(name=f"{tag}-vm0", reply_with_count=True)
     assert page["total"] == 1
     assert page["inventories"][0]["state"] == "Destroyed"
     nodes = await client.management_nodes()

@@ -1,9 +1,14 @@
-"""Property-based fuzzing of the HTTP API (hypothesis): whatever the input, never a 5xx, every
-error has a code and a description, and a refused request writes nothing. Every check runs
-inside the example, so hypothesis shrinks a failure to its smallest request."""
+"""Property-based fuzzing of the HTTP API and of the API messages on the bus (hypothesis):
+whatever the input, never a 5xx, every error has a code and a description, and a refused request
+writes nothing. Every check runs inside the example, so hypothesis shrinks a failure to its
+smallest request. (schemathesis, in ``test_api_schemathesis.py``, checks the HTTP API against
+its OpenAPI document; it cannot see the database or the bus, which these tests do.)"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from tests.embedded import embedded_node
+from zstack_mn.bus.cloudbus import CloudBus, _Pending
 from zstack_mn.db.models import Host, MessageResult, VmInstance
+from zstack_mn.messages import ErrorCode, Message
+from zstack_mn.messages.api import ALL_APIS, APIQueryHostMsg
+from zstack_mn.messages.envelope import Envelope
 from zstack_mn.node import Node
 
 pytestmark = pytest.mark.timeout(240)
@@ -121,3 +130,55 @@ async def test_fuzzed_requests_never_get_a_5xx_and_refused_ones_write_nothing(
     assert err["code"], (method, path, body, resp.text)
     assert err["description"], (method, path, body, resp.text)
     assert await stored(node) == before, f"refused with {resp.status_code} but wrote: {method} {path} {body!r}"
+
+
+async def unchecked_call(bus: CloudBus, api: type[Message], body: dict[str, Any]) -> Envelope:
+    """Send ``body`` as an ``api`` message, as raw JSON that nothing on this side validated, to
+    the portal's queue (the standard encoder: integers past 64 bits are part of the fuzz); the reply
+    envelope."""
+    corr = str(uuid.uuid4())
+    envelope = Envelope.request(APIQueryHostMsg(), ttl_ms=5000, reply_to=bus.reply_queue, msg_id=corr)
+    shape = envelope.model_dump(by_alias=True, exclude_none=True)
+    raw = json.dumps({**shape, "type": api.type_name, "service": api.SERVICE, "body": body}).encode()
+    fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+    bus._pending[corr] = _Pending(fut)
+    await bus.transport.publish(
+        bus.topology.api_queue, raw, message_id=corr, correlation_id=corr, reply_to=bus.reply_queue
+    )
+    return await asyncio.wait_for(fut, 10)
+
+
+bus_requests = st.tuples(
+    st.sampled_from(ALL_APIS),
+    st.dictionaries(
+        st.sampled_from(
+            ["name", "cpuNum", "memorySize", "hostUuid", "uuid", "agentUrl", "stateEvent", "limit", "start", "after"]
+        ),
+        json_values | st.sampled_from(["1G", "https://", "http://0", "0", "enable", 2**63, -1]),
+        max_size=5,
+    ),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(req=bus_requests)
+async def test_fuzzed_api_messages_on_the_bus_never_get_a_server_error_and_refused_ones_write_nothing(
+    node: Node, req: tuple[type[Message], dict[str, Any]]
+):
+    api, body = req
+    assert node.bus is not None
+    before = await stored(node)
+    reply = await unchecked_call(node.bus, api, body)
+    if reply.ok:
+        return
+    assert reply.error is not None
+    code = ErrorCode.parse(reply.error.code)
+    assert code is not ErrorCode.INTERNAL_ERROR, (api.type_name, body, reply.error)
+    assert reply.error.description, (api.type_name, body, reply.error)
+    if code.http_status < 500:
+        assert await stored(node) == before, f"refused with {code.value} but wrote: {api.type_name} {body!r}"

@@ -1,4 +1,5 @@
-"""`zstack-mn api`: parse ``key=value`` arguments into an API message and call it over HTTP."""
+"""`zstack-mn api`: parse ``key=value`` arguments into an API message and call it over HTTP:
+ZStack's REST API by default (``/zstack/v1``, with a login), the plain ``/v1`` API with ``--plain``."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from zstack_mn.client import HttpTransport
+from zstack_mn.client import ApiTransport, HttpTransport
+from zstack_mn.config import ZSTACK_ADMIN_ACCOUNT, ZSTACK_DEFAULT_PASSWORD
 from zstack_mn.messages import Message, ZStackError
 from zstack_mn.messages.api import ALL_APIS
 from zstack_mn.messages.envelope import validation_error
+from zstack_mn.zstack_client import ZStackTransport
 
 APIS: dict[str, type[Message]] = {a.type_name: a for a in ALL_APIS}
 
@@ -60,8 +63,22 @@ def describe_apis() -> str:
     return "\n".join(lines)
 
 
-async def run_call(msg: Message, urls: list[str], token: str | None, timeout: float) -> tuple[bool, Any]:
-    transport = HttpTransport(urls, token, timeout)
+async def run_call(
+    msg: Message,
+    urls: list[str],
+    token: str | None,
+    timeout: float,
+    *,
+    plain: bool = False,
+    account: str = ZSTACK_ADMIN_ACCOUNT,
+    password: str = ZSTACK_DEFAULT_PASSWORD,
+) -> tuple[bool, Any]:
+    """Call over ZStack's REST API (log in, poll the job), or the plain ``/v1`` API with ``plain``."""
+    transport: ApiTransport
+    if plain:
+        transport = HttpTransport(urls, token, timeout)
+    else:
+        transport = ZStackTransport(urls, account=account, password=password)
     try:
         return True, await transport.send(msg, key=None, timeout=timeout)
     except ZStackError as exc:

@@ -20,6 +20,7 @@ import orjson
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Delivery, QueueKind
+from zstack_mn.config import ZSTACK_ADMIN_ACCOUNT, ZSTACK_DEFAULT_PASSWORD
 from zstack_mn.messages import (
     Envelope,
     ErrorCode,
@@ -47,6 +48,9 @@ from zstack_mn.messages.ids import IDEMPOTENCY_HEADER
 from zstack_mn.messages.rest import ACTION_PATHS
 
 RETRYABLE_HTTP = {500, 502, 503, 504}
+SESSION_HEADER = "session"
+"""The envelope header that carries a ZStack API session to ``api.portal`` (see
+``zstack_mn.web.zstack.sessions``)."""
 SUSPECT_FOR = 15.0
 
 
@@ -75,12 +79,17 @@ def _http_route(msg: Message) -> tuple[str, str, dict[str, Any] | None, dict[str
     if t is APIDeleteHostMsg:
         return "DELETE", f"/v1/hosts/{uuid}", None, None
     if t is APIQueryVmInstanceMsg:
-        return "GET", "/v1/vm-instances", None, {**data, **({"uuid": uuid} if uuid else {})}
+        return "GET", "/v1/vm-instances", None, _query_string({**data, **({"uuid": uuid} if uuid else {})})
     if t is APIQueryHostMsg:
-        return "GET", "/v1/hosts", None, {**data, **({"uuid": uuid} if uuid else {})}
+        return "GET", "/v1/hosts", None, _query_string({**data, **({"uuid": uuid} if uuid else {})})
     if t is APIQueryManagementNodeMsg:
         return "GET", "/v1/management-nodes", None, data
     raise ZStackError(ErrorCode.NO_HANDLER, f"{t.__name__} has no HTTP route")
+
+
+def _query_string(params: dict[str, Any]) -> dict[str, Any]:
+    """Query parameters as the gateway reads them: booleans spelled ``true``/``false``."""
+    return {k: ("true" if v else "false") if isinstance(v, bool) else v for k, v in params.items()}
 
 
 class HttpTransport(ApiTransport):
@@ -197,7 +206,10 @@ def _outcome(status: int, content: bytes) -> tuple[ZStackError | None, dict[str,
 class AmqpApiTransport(ApiTransport):
     """Publishes API messages to ``api.portal`` and waits on a private reply queue."""
 
-    def __init__(self, url: str, queue_prefix: str = "zstack") -> None:
+    def __init__(self, url: str, queue_prefix: str = "zstack", session: str | None = None) -> None:
+        self.session = session
+        """A ZStack API session uuid, sent as the envelope's ``session`` header (the portal's
+        session check on ``api.portal``)."""
         self.topology = Topology(queue_prefix)
         self.transport = AmqpTransport(url, self.topology, publish_timeout=10, connection_name="zstack-mn client")
         self.reply_queue = self.topology.reply_queue(f"client-{uuidlib.uuid4()}")
@@ -223,6 +235,8 @@ class AmqpApiTransport(ApiTransport):
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
         headers = {IDEMPOTENCY_HEADER: key} if key else {}
+        if self.session:
+            headers[SESSION_HEADER] = self.session
         env = Envelope.request(
             msg, ttl_ms=int(timeout * 1000), reply_to=self.reply_queue, msg_id=new_id(), headers=headers
         )
@@ -264,8 +278,26 @@ class Client:
         return cls(HttpTransport([urls] if isinstance(urls, str) else urls, token, timeout), timeout)
 
     @classmethod
-    async def amqp(cls, url: str, queue_prefix: str = "zstack", timeout: float = 30.0) -> Client:
-        t = AmqpApiTransport(url, queue_prefix)
+    def zstack(
+        cls,
+        urls: list[str] | str,
+        *,
+        account: str = ZSTACK_ADMIN_ACCOUNT,
+        password: str = ZSTACK_DEFAULT_PASSWORD,
+        timeout: float = 30.0,
+    ) -> Client:
+        """Over ZStack's own REST API (``/zstack/v1``, login and job polling): the default way
+        in; ``http`` speaks the plain ``/v1`` API."""
+        from zstack_mn.zstack_client import ZStackTransport  # a late import: zstack_client builds on this module
+
+        transport = ZStackTransport([urls] if isinstance(urls, str) else urls, account=account, password=password)
+        return cls(transport, timeout)
+
+    @classmethod
+    async def amqp(
+        cls, url: str, queue_prefix: str = "zstack", timeout: float = 30.0, session: str | None = None
+    ) -> Client:
+        t = AmqpApiTransport(url, queue_prefix, session)
         await t.start()
         return cls(t, timeout)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, Table, Text, func
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Table, Text, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 UUID_LEN = 36
@@ -33,6 +33,11 @@ class Host(Base):
     """A hypervisor host, reached through its agent."""
 
     __tablename__ = "host"
+    __table_args__ = (
+        Index("ix_host_name_uuid", "name", "uuid"),
+        Index("ix_host_state_uuid", "state", "uuid"),
+        Index("ix_host_status_uuid", "status", "uuid"),
+    )
 
     uuid: Mapped[str] = mapped_column(String(UUID_LEN), primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
@@ -53,11 +58,18 @@ class VmInstance(Base):
     started the current (or last) operation, so a redelivered message resumes rather than repeats."""
 
     __tablename__ = "vm_instance"
+    __table_args__ = (
+        Index("ix_vm_instance_name_uuid", "name", "uuid"),
+        Index("ix_vm_instance_state_uuid", "state", "uuid"),
+        Index("ix_vm_instance_host_uuid_uuid", "host_uuid", "uuid"),
+        Index("ix_vm_instance_host_uuid_state_uuid", "host_uuid", "state", "uuid"),
+        Index("ix_vm_instance_created_at_uuid", "created_at", "uuid"),
+    )
 
     uuid: Mapped[str] = mapped_column(String(UUID_LEN), primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    host_uuid: Mapped[str | None] = mapped_column(String(UUID_LEN), index=True, nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    host_uuid: Mapped[str | None] = mapped_column(String(UUID_LEN), nullable=True)
     last_host_uuid: Mapped[str | None] = mapped_column(String(UUID_LEN), nullable=True)
     target_host_uuid: Mapped[str | None] = mapped_column(String(UUID_LEN), nullable=True)
     cpu_num: Mapped[int] = mapped_column(Integer)

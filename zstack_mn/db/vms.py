@@ -199,11 +199,30 @@ class VmRepository:
             )
             return [VmSeen(r.uuid, VmState(r.state), r.version, r.host_uuid) for r in rows]
 
-    async def query(self, filters: dict[str, Any], limit: int, start: int) -> tuple[int, list[VmInventory]]:
+    async def query(
+        self,
+        filters: dict[str, Any],
+        limit: int,
+        start: int = 0,
+        *,
+        after: str | None = None,
+        count: bool = True,
+        rows: bool = True,
+    ) -> tuple[int | None, list[VmInventory]]:
+        """The VMs equal to ``filters`` (by column), in uuid order: ``limit`` of them after the
+        uuid ``after`` (through an index, whatever the depth), skipping the first ``start``. The total
+        of every match, or None when ``count`` is false (it is the one part whose cost grows with
+        the table); no rows when ``rows`` is false."""
         cond = and_(*[getattr(VM.c, k) == v for k, v in filters.items()]) if filters else true()
+        total: int | None = None
+        found: list[VmInventory] = []
         async with self.db.begin() as conn:
-            total = (await conn.execute(select(func.count()).select_from(VM).where(cond))).scalar_one()
-            rows = await conn.execute(
-                select(VM).where(cond).order_by(VM.c.created_at, VM.c.uuid).limit(limit).offset(start)
-            )
-            return int(total), [vm_inventory(VmRow.of(r._mapping)) for r in rows]
+            if count:
+                total = int((await conn.execute(select(func.count()).select_from(VM).where(cond))).scalar_one())
+            if rows:
+                page = select(VM).where(cond)
+                if after is not None:
+                    page = page.where(VM.c.uuid > after)
+                result = await conn.execute(page.order_by(VM.c.uuid).limit(limit).offset(start))
+                found = [vm_inventory(VmRow.of(r._mapping)) for r in result]
+        return total, found

@@ -13,23 +13,15 @@ uuid of the resource it creates, so it is routed like the others.
 
 from __future__ import annotations
 
-import uuid
-from typing import Annotated, Any, ClassVar, Self, cast
+from typing import Any, ClassVar, Self, cast
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from zstack_mn.messages.errors import ErrorCode, ZStackError
+from zstack_mn.messages.types import Uuid
 
-
-def _check_uuid(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError as exc:
-        raise ValueError("must be a uuid") from exc
-
-
-ResourceUuid = Annotated[str, AfterValidator(_check_uuid)]
+ResourceUuid = Uuid
 
 
 class WireModel(BaseModel):

@@ -33,6 +33,7 @@ class ErrorCode(str, Enum):
     MESSAGE_TOO_LARGE = ("SYS.1004", 413, False)
     UNAUTHORIZED = ("SYS.1005", 401, False)
     RESOURCE_NOT_FOUND = ("SYS.1006", 404, False)
+    METHOD_NOT_ALLOWED = ("SYS.1007", 405, False)
     NO_ROUTE = ("SYS.1010", 503, True)
     TIMEOUT = ("SYS.1011", 504, True)
     BUS_UNAVAILABLE = ("SYS.1012", 503, True)
@@ -47,6 +48,10 @@ class ErrorCode(str, Enum):
     HOST_IN_USE = ("HOST.1001", 409, False)
     NO_CAPACITY = ("HOST.1002", 409, False)
     DUPLICATE_RESOURCE = ("SYS.1020", 409, False)
+    AUTHENTICATION_ERROR = ("ID.1000", 401, False)
+    """Wrong account name or password (ZStack's IdentityErrors.AUTHENTICATION_ERROR)."""
+    INVALID_SESSION = ("ID.1001", 401, False)
+    """No session, an unknown one or an expired one (ZStack's IdentityErrors.INVALID_SESSION)."""
 
     AGENT_ERROR = ("AGENT.1001", 502, False)
     AGENT_UNREACHABLE = ("AGENT.1002", 502, True)
@@ -66,6 +71,12 @@ class ErrorInfo(BaseModel):
     code: str
     description: str
     details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorReply(BaseModel):
+    """The body of every error answer on the HTTP API: ``{"error": {code, description, details}}``."""
+
+    error: ErrorInfo
 
 
 class ZStackError(Exception):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
-
 from zstack_mn.messages.base import Message, ResourceUuid
-from zstack_mn.messages.types import Name
+from zstack_mn.messages.types import AgentUrl, Name
 
 HOST = "host"
 
@@ -18,7 +16,7 @@ class AddHostMsg(Message):
 
     SERVICE: ClassVar[str] = HOST
     name: Name
-    agent_url: str = Field(min_length=8, max_length=1024, pattern=r"^https?://")
+    agent_url: AgentUrl
     uuid: ResourceUuid | None = None
     RESOURCE_FIELD: ClassVar[str | None] = "uuid"
 

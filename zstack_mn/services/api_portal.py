@@ -113,14 +113,12 @@ class ApiPortal(Service):
         return request_id
 
     async def query(self, msg: Message) -> dict[str, Any]:
-        if isinstance(msg, APIQueryVmInstanceMsg):
-            filters = _filters(msg, ("uuid", "name", "state", "host_uuid"))
-            total, vms = await self.vms.query(filters, msg.limit, msg.start)
-            return {"total": total, "inventories": [r.to_wire() for r in vms]}
-        if isinstance(msg, APIQueryHostMsg):
-            filters = _filters(msg, ("uuid", "name", "state", "status"))
-            total, hosts = await self.hosts.query(filters, msg.limit, msg.start)
-            return {"total": total, "inventories": [r.to_wire() for r in hosts]}
+        if isinstance(msg, APIQueryVmInstanceMsg | APIQueryHostMsg):
+            repo = self.vms if isinstance(msg, APIQueryVmInstanceMsg) else self.hosts
+            total, rows = await repo.query(
+                msg.filters(), msg.limit, msg.start, after=msg.after, count=msg.counted, rows=not msg.count
+            )
+            return msg.reply(total, rows)
         assert isinstance(msg, APIQueryManagementNodeMsg)
         nodes = await self.management_nodes()
         if msg.uuid:
@@ -159,7 +157,3 @@ def _with_resource_uuid(msg: Message, request_id: str) -> Message:
     if field is None or getattr(msg, field) is not None:
         return msg
     return msg.model_copy(update={field: resource_uuid_for(request_id)})
-
-
-def _filters(msg: Message, fields: tuple[str, ...]) -> dict[str, Any]:
-    return {f: getattr(msg, f) for f in fields if getattr(msg, f, None) is not None}

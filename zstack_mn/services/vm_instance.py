@@ -209,9 +209,7 @@ class VmInstanceService(Service):
                 state=vm.state,
             )
         if t.outcome is Outcome.SAME_HOST:
-            raise ZStackError(
-                ErrorCode.INVALID_ARGUMENT, "hostUuid: the VM already runs on that host", field="hostUuid"
-            )
+            raise ZStackError(ErrorCode.INVALID_STATE, "hostUuid: the VM already runs on that host", field="hostUuid")
         if t.outcome is Outcome.NO_CAPACITY:
             if name == "migrate":
                 raise ZStackError(ErrorCode.NO_CAPACITY, "no other host can take this VM")

@@ -9,11 +9,11 @@ their code; the node that handled a request is in ``X-Handled-By``.
 from __future__ import annotations
 
 import time
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import orjson
+import structlog
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,14 +26,15 @@ from pydantic import (
     create_model,
     model_validator,
 )
+from pydantic.config import JsonDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
 from zstack_mn import __version__
 from zstack_mn.messages import ErrorCode, Message, ZStackError
 from zstack_mn.messages.api import (
-    MAX_PAGE,
     APIAddHostMsg,
     APICreateVmInstanceMsg,
     APIDeleteHostMsg,
@@ -44,13 +45,22 @@ from zstack_mn.messages.api import (
 )
 from zstack_mn.messages.envelope import validation_error
 from zstack_mn.messages.ids import request_id_for_key
+from zstack_mn.messages.inventory import DeletedReply, HostPage, HostReply, ManagementNodePage, VmPage, VmReply
 from zstack_mn.messages.rest import HOST_ACTIONS, VM_ACTIONS
+from zstack_mn.messages.types import Uuid
 from zstack_mn.services.api_portal import ApiPortal
+from zstack_mn.web import openapi
+from zstack_mn.web.openapi import ACTION_ERRORS, OPS_ERRORS, QUERY_ERRORS, READ_ERRORS, Health, Readiness
+from zstack_mn.web.zstack import mount as mount_zstack_api
+
+log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 API_PREFIX = "/v1/"
 HANDLED_BY = "X-Handled-By"
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_HTTP_CODES = {404: ErrorCode.RESOURCE_NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
+"""The code of an error the router answers itself (no route, no such method on a route)."""
 
 
 def _params_of(api: type[Message]) -> type[BaseModel]:
@@ -65,16 +75,31 @@ def _params_of(api: type[Message]) -> type[BaseModel]:
     )
 
 
+def _one_property(schema: JsonDict) -> None:
+    """The JSON schema of an action body: exactly one of the actions, none of them null."""
+    properties = schema.get("properties")
+    assert isinstance(properties, dict)
+    for name, prop in properties.items():
+        assert isinstance(prop, dict)
+        choices = prop.get("anyOf")
+        if isinstance(choices, list):
+            (only,) = [c for c in choices if c != {"type": "null"}]
+            properties[name] = only
+    schema["minProperties"] = 1
+    schema["maxProperties"] = 1
+
+
 class _OneAction(BaseModel):
     """A body that names exactly one action (``{"startVmInstance": {}}``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_property)
 
     @model_validator(mode="after")
     def exactly_one(self) -> Self:
-        actions = type(self).model_fields
-        if sum(getattr(self, k) is not None for k in actions) != 1:
-            raise ValueError(f"give exactly one action of: {', '.join(actions)}")
+        """One key, and its value an object: ``{"a": {}, "b": null}`` names two."""
+        given = self.model_fields_set
+        if len(given) != 1 or any(getattr(self, k) is None for k in given):
+            raise ValueError(f"give exactly one action of: {', '.join(type(self).model_fields)}")
         return self
 
 
@@ -100,13 +125,6 @@ def error_response(err: ZStackError) -> JSONResponse:
     return JSONResponse({"error": err.to_info().model_dump()}, status_code=err.code.http_status)
 
 
-def _uuid(value: str, field: str = "uuid") -> str:
-    try:
-        return str(uuidlib.UUID(value))
-    except ValueError:
-        raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{field}: must be a uuid", field=field) from None
-
-
 def create_app(
     portal: ApiPortal,
     *,
@@ -117,7 +135,13 @@ def create_app(
     call_timeout: float,
 ) -> FastAPI:
     """The FastAPI app of one node."""
-    app = FastAPI(title="zstack-mn", version=__version__, description="Management-node API (ZStack style REST).")
+    app = FastAPI(
+        title="zstack-mn",
+        version=__version__,
+        description="Management-node API (ZStack style REST).",
+        separate_input_output_schemas=False,
+    )
+    openapi.install(app, api_prefix=API_PREFIX, token_required=api_token is not None)
 
     @app.exception_handler(ZStackError)
     async def _zstack_error(_: Request, exc: ZStackError) -> JSONResponse:
@@ -140,13 +164,22 @@ def create_app(
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = ErrorCode.RESOURCE_NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_ARGUMENT
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_ARGUMENT)
         resp = error_response(ZStackError(code, str(exc.detail)))
         resp.status_code = exc.status_code
+        resp.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            resp.headers["Allow"] = ", ".join(_methods_at(app, request.scope))
         return resp
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error answering a request")
+        return error_response(ZStackError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
+
     app.add_middleware(Gate, limit=MAX_BODY_BYTES, token=api_token)
+    mount_zstack_api(app, portal)
 
     async def answer(msg: Message, key: str | None) -> tuple[dict[str, Any], str]:
         request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
@@ -163,92 +196,107 @@ def create_app(
         except ValidationError as exc:
             raise validation_error(exc, api.type_name) from None
 
-    key_header = Header(None, alias="Idempotency-Key", max_length=200)
+    key_header = Header(None, alias="Idempotency-Key", min_length=1, max_length=200)
 
-    @app.post("/v1/vm-instances", tags=["vm"])
+    async def page(msg: APIQueryVmInstanceMsg | APIQueryHostMsg) -> Response:
+        """A VM or host query, answered from the database here (any node can)."""
+        repo = portal.vms if isinstance(msg, APIQueryVmInstanceMsg) else portal.hosts
+        total, rows = await repo.query(
+            msg.filters(), msg.limit, msg.start, after=msg.after, count=msg.counted, rows=not msg.count
+        )
+        return _json(msg.reply(total, rows), node_uuid)
+
+    vm_reply: dict[int | str, dict[str, Any]] = {200: {"model": VmReply}}
+    host_reply: dict[int | str, dict[str, Any]] = {200: {"model": HostReply}}
+
+    @app.post("/v1/vm-instances", tags=["vm"], responses={**vm_reply, **openapi.errors(ACTION_ERRORS)})
     async def create_vm(body: CreateVmRequest, key: str | None = key_header) -> Response:
         return await run(body.params, key)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
 
-    @app.get("/v1/vm-instances", tags=["vm"])
-    async def query_vms(
-        uuid: str | None = None,
-        name: str | None = None,
-        state: str | None = None,
-        hostUuid: str | None = None,
-        limit: int = Query(100, ge=1, le=MAX_PAGE),
-        start: int = Query(0, ge=0),
-    ) -> Response:
-        msg = build(
-            APIQueryVmInstanceMsg,
-            {"uuid": uuid, "name": name, "state": state, "hostUuid": hostUuid, "limit": limit, "start": start},
-        )
-        return await run(msg, None)
+    @app.get("/v1/vm-instances", tags=["vm"], responses={200: {"model": VmPage}, **openapi.errors(QUERY_ERRORS)})
+    async def query_vms(query: Annotated[APIQueryVmInstanceMsg, Query()]) -> Response:
+        return await page(query)
 
     async def get_one(query: type[Message], kind: str, uuid: str) -> Response:
-        page, handled_by = await answer(build(query, {"uuid": _uuid(uuid)}), None)
+        page, handled_by = await answer(build(query, {"uuid": uuid}), None)
         if not page["inventories"]:
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"{kind} {uuid} not found", uuid=uuid)
         return _json({"inventory": page["inventories"][0]}, handled_by)
 
-    @app.get("/v1/vm-instances/{uuid}", tags=["vm"])
-    async def get_vm(uuid: str) -> Response:
+    @app.get("/v1/vm-instances/{uuid}", tags=["vm"], responses={**vm_reply, **openapi.errors(READ_ERRORS)})
+    async def get_vm(uuid: Uuid) -> Response:
         return await get_one(APIQueryVmInstanceMsg, "vm", uuid)
 
-    @app.put("/v1/vm-instances/{uuid}/actions", tags=["vm"])
-    async def vm_action(uuid: str, body: VmActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
+    @app.put("/v1/vm-instances/{uuid}/actions", tags=["vm"], responses={**vm_reply, **openapi.errors(ACTION_ERRORS)})
+    async def vm_action(uuid: Uuid, body: VmActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
         return await run(_action_message(uuid, body, VM_ACTIONS), key)
 
-    @app.delete("/v1/vm-instances/{uuid}", tags=["vm"])
-    async def destroy_vm(uuid: str, key: str | None = key_header) -> Response:
-        return await run(build(APIDestroyVmInstanceMsg, {"uuid": _uuid(uuid)}), key)
+    @app.delete("/v1/vm-instances/{uuid}", tags=["vm"], responses={**vm_reply, **openapi.errors(ACTION_ERRORS)})
+    async def destroy_vm(uuid: Uuid, key: str | None = key_header) -> Response:
+        return await run(build(APIDestroyVmInstanceMsg, {"uuid": uuid}), key)
 
-    @app.post("/v1/hosts", tags=["host"])
+    @app.post("/v1/hosts", tags=["host"], responses={**host_reply, **openapi.errors(ACTION_ERRORS)})
     async def add_host(body: AddHostRequest, key: str | None = key_header) -> Response:
         return await run(body.params, key)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
 
-    @app.get("/v1/hosts", tags=["host"])
-    async def query_hosts(
-        uuid: str | None = None,
-        name: str | None = None,
-        state: str | None = None,
-        status: str | None = None,
-        limit: int = Query(100, ge=1, le=MAX_PAGE),
-        start: int = Query(0, ge=0),
-    ) -> Response:
-        msg = build(
-            APIQueryHostMsg,
-            {"uuid": uuid, "name": name, "state": state, "status": status, "limit": limit, "start": start},
-        )
-        return await run(msg, None)
+    @app.get("/v1/hosts", tags=["host"], responses={200: {"model": HostPage}, **openapi.errors(QUERY_ERRORS)})
+    async def query_hosts(query: Annotated[APIQueryHostMsg, Query()]) -> Response:
+        return await page(query)
 
-    @app.get("/v1/hosts/{uuid}", tags=["host"])
-    async def get_host(uuid: str) -> Response:
+    @app.get("/v1/hosts/{uuid}", tags=["host"], responses={**host_reply, **openapi.errors(READ_ERRORS)})
+    async def get_host(uuid: Uuid) -> Response:
         return await get_one(APIQueryHostMsg, "host", uuid)
 
-    @app.put("/v1/hosts/{uuid}/actions", tags=["host"])
-    async def host_action(uuid: str, body: HostActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
+    @app.put("/v1/hosts/{uuid}/actions", tags=["host"], responses={**host_reply, **openapi.errors(ACTION_ERRORS)})
+    async def host_action(uuid: Uuid, body: HostActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
         return await run(_action_message(uuid, body, HOST_ACTIONS), key)
 
-    @app.delete("/v1/hosts/{uuid}", tags=["host"])
-    async def delete_host(uuid: str, key: str | None = key_header) -> Response:
-        return await run(build(APIDeleteHostMsg, {"uuid": _uuid(uuid)}), key)
+    @app.delete(
+        "/v1/hosts/{uuid}", tags=["host"], responses={200: {"model": DeletedReply}, **openapi.errors(ACTION_ERRORS)}
+    )
+    async def delete_host(uuid: Uuid, key: str | None = key_header) -> Response:
+        return await run(build(APIDeleteHostMsg, {"uuid": uuid}), key)
 
-    @app.get("/v1/management-nodes", tags=["cluster"])
-    async def management_nodes(limit: int = Query(100, ge=1, le=MAX_PAGE), start: int = Query(0, ge=0)) -> Response:
-        return await run(build(APIQueryManagementNodeMsg, {"limit": limit, "start": start}), None)
+    @app.get(
+        "/v1/management-nodes",
+        tags=["cluster"],
+        responses={200: {"model": ManagementNodePage}, **openapi.errors(QUERY_ERRORS)},
+    )
+    async def management_nodes(query: Annotated[APIQueryManagementNodeMsg, Query()]) -> Response:
+        return await run(query, None)
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"], response_model=Health, responses=openapi.errors(OPS_ERRORS))
     async def healthz() -> dict[str, str]:
         return {"status": "alive", "node": node_uuid}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        response_model=Readiness,
+        responses={
+            503: {
+                "model": Readiness,
+                "description": "not ready; or plain text when the node is at its limit of requests in flight",
+                "content": {openapi.TEXT_PLAIN: {"schema": {"type": "string"}}},
+            },
+            **openapi.errors((413,)),
+        },
+    )
     async def readyz() -> JSONResponse:
         checks = await readiness()
         return JSONResponse(
             {"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503
         )
 
-    @app.get("/metrics", tags=["ops"])
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={
+            200: {"content": {openapi.TEXT_PLAIN: {"schema": {"type": "string"}}}, "description": "Prometheus metrics"},
+            **openapi.errors(OPS_ERRORS),
+        },
+    )
     async def metrics() -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -323,12 +371,23 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
+def _methods_at(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at the request's path: Starlette's own ``Allow`` names only
+    the first route that matched the path, and one path here has a route per method."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match is not Match.NONE and isinstance(route, BaseRoute):
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def _action_message(uuid: str, body: BaseModel, actions: dict[str, type[Message]]) -> Message:
     """The API message of the one action in ``body``, from its already validated parameters."""
     for key, api in actions.items():
         params = getattr(body, key)
         if params is not None:
             values = {name: getattr(params, name) for name in params.model_fields_set}
-            values["uuid"] = _uuid(uuid)
+            values["uuid"] = uuid
             return api.model_construct(set(values), **values)
     raise ZStackError(ErrorCode.INVALID_ARGUMENT, "no action given")

@@ -1,0 +1,90 @@
+"""What ``/openapi.json`` says beyond what FastAPI derives from the routes: the error answers of
+each operation (from ``ErrorCode``, the one list of codes), the bearer scheme when a token is
+set, and no trace of FastAPI's own 422, which this API never sends (a bad field is a 400)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+
+from zstack_mn.messages.errors import ErrorCode, ErrorReply
+
+BEARER = "bearer"
+TEXT_PLAIN = "text/plain"
+
+QUERY_ERRORS = (400, 413, 503)
+"""What a query can answer besides its page: a bad field, a body over the limit, the database or
+the node unavailable (503 also comes as plain text when the node has more requests in flight
+than it takes)."""
+READ_ERRORS = (*QUERY_ERRORS, 404)
+ACTION_ERRORS = (400, 404, 409, 413, 502, 503, 504)
+"""An action can also meet a state conflict (409), its agent failing or unreachable (502) and a
+deadline (504)."""
+OPS_ERRORS = (413, 503)
+
+
+class Health(BaseModel):
+    status: str
+    node: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    checks: dict[str, bool]
+
+
+def _codes_with(status: int) -> str:
+    return ", ".join(f"{c.value} {c.name}" for c in ErrorCode if c.http_status == status)
+
+
+def errors(statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entry of a route for these error statuses, each naming its codes."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {"model": ErrorReply, "description": _codes_with(status) or "error"}
+        if status == 503:
+            entry["content"] = {TEXT_PLAIN: {"schema": {"type": "string"}}}
+            entry["description"] += "; or plain text when the node is at its limit of requests in flight"
+        out[status] = entry
+    return out
+
+
+def install(app: FastAPI, *, api_prefix: str, token_required: bool) -> None:
+    """Make ``app.openapi()`` return the shaped document (built once, on first use)."""
+    cache: dict[str, Any] = {}
+
+    def build() -> dict[str, Any]:
+        if "doc" not in cache:
+            doc = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+                separate_input_output_schemas=False,
+            )
+            cache["doc"] = _shaped(doc, api_prefix, token_required)
+        shaped: dict[str, Any] = cache["doc"]
+        return shaped
+
+    setattr(app, "openapi", build)  # noqa: B010  # FastAPI's documented way to replace the schema generator
+
+
+def _shaped(doc: dict[str, Any], api_prefix: str, token_required: bool) -> dict[str, Any]:
+    for path, operations in doc.get("paths", {}).items():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+            if token_required and path.startswith(api_prefix):
+                operation["security"] = [{BEARER: []}]
+                operation["responses"]["401"] = {
+                    "description": _codes_with(401),
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorReply"}}},
+                }
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    if token_required:
+        doc["components"]["securitySchemes"] = {BEARER: {"type": "http", "scheme": "bearer"}}
+    return doc

@@ -1,0 +1,164 @@
+"""Asynchronous ZStack API calls as jobs any node can answer.
+
+A job's uuid (32 hex, chosen by the client through ``X-Job-UUID`` or the RPC message's ``id``,
+else new) is also the request id the portal runs the call under (its dashed form), so the call is
+idempotent the way every keyed portal request is: a VM operation answers a copy from its op
+record, any other action from the portal's stored reply.
+
+The node that accepts the call records the job (database), answers at once, and runs the call in
+the background; when it ends, the outcome (ZStack's reply body, or its error) is written to the
+job. A poll on any node reads the job. When the job is still ``Processing`` but the node running
+it has left the ring, or its lease (the call's deadline plus a grace) has passed, the polling
+node claims it (one claimer wins) and runs it again under the same request id, which finishes
+it from the records when the work was done and does it otherwise. After ``MAX_ATTEMPTS`` runs
+the job ends with a timeout error, so no poll answers ``Processing`` for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid as uuidlib
+from typing import Any
+
+import orjson
+import structlog
+
+from zstack_mn.db.jobs import JobRepository, JobRow
+from zstack_mn.messages import ErrorCode, Message, ZStackError
+from zstack_mn.messages.base import registry
+from zstack_mn.services.api_portal import ApiPortal
+from zstack_mn.web.zstack import inventories
+from zstack_mn.web.zstack.catalog import BY_NAME, ZApi
+from zstack_mn.web.zstack.wire import error_body, internal_error
+
+log = structlog.get_logger(__name__)
+
+LEASE_GRACE_S = 10.0
+MAX_ATTEMPTS = 3
+JOB_RETENTION_S = 24 * 3600
+SWEEP_EVERY_S = 600.0
+RECORD_RETRY_S = 30.0
+
+
+def request_id_of(job_uuid: str) -> str:
+    """The portal request id of a job: its uuid in the dashed form the portal's ids use."""
+    return str(uuidlib.UUID(job_uuid))
+
+
+class JobRunner:
+    def __init__(self, portal: ApiPortal) -> None:
+        self.portal = portal
+        self.jobs = JobRepository(portal.ctx.db)
+        self.node = portal.ctx.node_uuid
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_sweep = 0.0
+
+    async def submit(self, api: ZApi, msg: Message, job_uuid: str, timeout: float) -> None:
+        """Record the job and start it. A job uuid already recorded for the same request (a
+        client resending it) is left to the run that has it; one recorded for another request is
+        refused (ZStack's "Duplicate job uuid"), so that a client never gets another call's
+        outcome for its own."""
+        await self._sweep()
+        stored = {"type": msg.type_name, "body": msg.to_wire()}
+        if await self.jobs.create(job_uuid, api.name, stored, self.node, timeout + LEASE_GRACE_S):
+            self._spawn(api, msg, job_uuid, timeout)
+            return
+        existing = await self.jobs.get(job_uuid)
+        if existing is not None and (
+            existing.api != api.name or existing.message != orjson.loads(orjson.dumps(stored))
+        ):
+            raise ZStackError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"duplicate job uuid {job_uuid}: it was given to another request ({existing.api})",
+                job=job_uuid,
+            )
+
+    async def poll(self, job_uuid: str) -> JobRow | None:
+        """The job as recorded; a stalled one is claimed and started again here (not awaited)."""
+        job = await self.jobs.get(job_uuid)
+        if job is None or job.done:
+            return job
+        if self.portal.ctx.is_working(job.node) and not job.lease_expired:
+            return job
+        api = BY_NAME[job.api]
+        timeout = self.portal.ctx.settings.call_timeout
+        if job.attempts >= MAX_ATTEMPTS:
+            err = ZStackError(ErrorCode.TIMEOUT, f"{api.name} did not finish after {job.attempts} attempts")
+            await self.jobs.finish(job_uuid, False, {"error": error_body(err)})
+            return await self.jobs.get(job_uuid)
+        if await self.jobs.claim(job, self.node, timeout + LEASE_GRACE_S):
+            log.info("taking over an API job", job=job_uuid, api=api.name, was=job.node, attempt=job.attempts + 1)
+            cls = registry.get(job.message["type"])
+            assert issubclass(cls, Message)
+            self._spawn(api, cls.model_validate(job.message["body"]), job_uuid, timeout)
+        return job
+
+    def _spawn(self, api: ZApi, msg: Message, job_uuid: str, timeout: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(api, msg, job_uuid, timeout), name=f"job-{job_uuid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, api: ZApi, msg: Message, job_uuid: str, timeout: float) -> None:
+        """Run the job to an outcome. A retryable error (no route, a node gone, a timeout) is
+        tried again under the same request id until the job's deadline, as the HTTP client
+        does; one met while this node is out of the ring is not recorded, so the job is taken
+        over by a poller on a node that is in it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.1
+        while True:
+            success, result, err = await self.call(api, msg, request_id_of(job_uuid), max(deadline - loop.time(), 0.1))
+            if err is None or not err.retryable:
+                break
+            if self.node not in self.portal.ctx.ring.nodes:
+                log.info("leaving an API job to another node", job=job_uuid, error=err.code.value)
+                with contextlib.suppress(ZStackError):  # else the lease runs out, later
+                    await self.jobs.release(job_uuid, self.node)
+                return
+            if loop.time() + delay >= deadline:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        await self._record(job_uuid, success, result)
+
+    async def call(
+        self, api: ZApi, msg: Message, request_id: str, timeout: float
+    ) -> tuple[bool, dict[str, Any], ZStackError | None]:
+        """Run the call through the portal once: (success, ZStack reply body or
+        ``{"error": ...}``, the error)."""
+        try:
+            body, _ = await self.portal.handle(msg, request_id=request_id, keyed=True, timeout=timeout)
+            return True, inventories.reply_body(api.inventory, body), None
+        except ZStackError as err:
+            return False, {"error": error_body(err)}, err
+        except Exception as exc:  # a job must end with an outcome whatever went wrong
+            log.exception("API job failed", api=api.name)
+            internal = internal_error(exc)
+            return False, {"error": error_body(internal)}, internal
+
+    async def _record(self, job_uuid: str, success: bool, result: dict[str, Any]) -> None:
+        """Write the outcome, retrying a database outage for RECORD_RETRY_S; if it still fails,
+        the lease runs out and a poller finishes the job from the records."""
+        deadline = time.monotonic() + RECORD_RETRY_S
+        delay = 0.1
+        while True:
+            try:
+                await self.jobs.finish(job_uuid, success, result)
+                return
+            except ZStackError as err:
+                if not err.retryable or time.monotonic() + delay > deadline:
+                    log.warning("could not record an API job's outcome", job=job_uuid, error=str(err))
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_EVERY_S
+        removed = await self.jobs.expire(JOB_RETENTION_S)
+        if removed:
+            log.info("expired API jobs", removed=removed)

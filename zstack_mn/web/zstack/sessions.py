@@ -1,0 +1,127 @@
+"""Who may call: ZStack's accounts and sessions, as far as zstack-mn's APIs need them.
+
+One account model for every way in: the REST and RPC adapters call ``require`` before they build
+a message, and the portal's bus entry is meant to call ``check_headers`` on every message that
+arrives on ``api.portal`` (the hook is described in the README), so a message without a valid
+session is refused the same way whichever way it came.
+
+The ``admin`` account is created on first use of the accounts (a login, or a node's start-up
+through ``ensure_admin``) with ``Settings.initial_admin_password``; an existing account keeps
+its password. Logins, validations and logouts answer ZStack's error codes: ``ID.1000`` for a
+wrong name or password, ``ID.1001`` for a missing, unknown or expired session.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from zstack_mn.bus.cloudbus import Dispatcher, Request
+from zstack_mn.client import SESSION_HEADER
+from zstack_mn.config import Settings
+from zstack_mn.db.accounts import ADMIN_ACCOUNT, AccountRepository, Session, sha512_hex
+from zstack_mn.db.engine import Database
+from zstack_mn.messages import ErrorCode, ZStackError
+
+log = structlog.get_logger(__name__)
+
+SWEEP_EVERY_S = 600.0
+_HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{128}$")
+_SESSION_UUID = re.compile(r"^[0-9a-fA-F]{32}$")
+
+
+def invalid_session(why: str) -> ZStackError:
+    return ZStackError(ErrorCode.INVALID_SESSION, f"invalid session: {why}")
+
+
+class SessionGuard:
+    def __init__(self, db: Database, settings: Settings) -> None:
+        self.accounts = AccountRepository(db)
+        self.settings = settings
+        self._admin_checked = False
+        self._next_sweep = 0.0
+
+    async def ensure_admin(self) -> None:
+        """Create the ``admin`` account unless it exists (once per process)."""
+        if self._admin_checked:
+            return
+        password = self.settings.initial_admin_password
+        if password is not None and await self.accounts.ensure_account(ADMIN_ACCOUNT, sha512_hex(password)):
+            log.info("created the ZStack API admin account")
+        self._admin_checked = True
+
+    async def login(self, params: Mapping[str, Any]) -> Session:
+        """``LogInByAccount``: ``accountName`` and ``password`` (its SHA-512 hex digest)."""
+        name = params.get("accountName")
+        digest = params.get("password")
+        if not isinstance(name, str) or not name:
+            raise ZStackError(ErrorCode.INVALID_ARGUMENT, "accountName: required", field="accountName")
+        if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):
+            raise ZStackError(
+                ErrorCode.INVALID_ARGUMENT, "password: must be the SHA-512 hex digest of the password", field="password"
+            )
+        account_type = params.get("accountType")
+        if account_type not in (None, "", "iam1", "ZStack"):
+            raise ZStackError(
+                ErrorCode.INVALID_ARGUMENT, "accountType: zstack-mn has only ZStack accounts", field="accountType"
+            )
+        await self.ensure_admin()
+        await self._sweep()
+        account = await self.accounts.check_password(name, digest)
+        if account is None:
+            raise ZStackError(ErrorCode.AUTHENTICATION_ERROR, "wrong account name or password")
+        return await self.accounts.open_session(account.uuid, self.settings.session_timeout)
+
+    async def logout(self, session_uuid: object) -> None:
+        """``LogOut``: ending a session that is gone already is not an error (as in ZStack)."""
+        if isinstance(session_uuid, str) and _SESSION_UUID.match(session_uuid):
+            await self.accounts.close_session(session_uuid.lower())
+
+    async def validate(self, session_uuid: object) -> bool:
+        """``ValidateSession``."""
+        if not isinstance(session_uuid, str) or not _SESSION_UUID.match(session_uuid):
+            return False
+        return await self.accounts.valid_session(session_uuid.lower()) is not None
+
+    async def require(self, session_uuid: object) -> Session:
+        """The live session, or ZStack's invalid-session error."""
+        if session_uuid is None or session_uuid == "":
+            raise invalid_session("no session given; log in with LogInByAccount first")
+        if not isinstance(session_uuid, str) or not _SESSION_UUID.match(session_uuid):
+            raise invalid_session("a session uuid is 32 hex characters")
+        session = await self.accounts.valid_session(session_uuid.lower())
+        if session is None:
+            raise invalid_session(f"session {session_uuid} does not exist or has expired")
+        return session
+
+    async def check_headers(self, headers: Mapping[str, Any]) -> Session:
+        """The bus-side check for ``api.portal``: the ``session`` envelope header must name a
+        live session (raises INVALID_SESSION otherwise)."""
+        return await self.require(headers.get(SESSION_HEADER))
+
+    async def _sweep(self) -> None:
+        """Forget expired sessions, at most every SWEEP_EVERY_S per process."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_EVERY_S
+        removed = await self.accounts.expire_sessions()
+        if removed:
+            log.info("expired ZStack API sessions", removed=removed)
+
+
+def guarded(dispatch: Dispatcher, guard: SessionGuard) -> Dispatcher:
+    """The portal's bus entry behind the session check: a message on ``api.portal`` without a
+    live session in its ``session`` header is answered with ZStack's invalid-session error
+    (``ID.1001``) and never reaches the portal. The node serves it with
+    ``bus.serve_api(guarded(portal.dispatch, SessionGuard(db, settings)))``."""
+
+    async def checked(req: Request) -> dict[str, Any]:
+        await guard.check_headers(req.envelope.headers)
+        return await dispatch(req)
+
+    return checked
