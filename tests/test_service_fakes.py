@@ -311,14 +311,18 @@ async def test_the_tracker_reads_the_host_table_only_after_a_ring_change_or_ever
     assert hosts.service.owned.reads == 1
     assert agent_url_of("h6") in pinged_since(mark)
 
-    other = "00000000-0000-4000-8000-0000000000aa"
-    hosts.ring.replace([hosts.ctx.node_uuid, other])
+    all_hosts = first | {added["uuid"]}
+    for i in range(256):  # a second node that takes some of the seven hosts, not none or all
+        other = f"00000000-0000-4000-8000-{i:012x}"
+        hosts.ring.replace([hosts.ctx.node_uuid, other])
+        if 0 < sum(hosts.ring.is_mine(h) for h in all_hosts) < len(all_hosts):
+            break
     hosts.service.on_ring_changed()
     mark = len(hosts.agents.calls_of("ping"))
     await hosts.service._track_once()
     assert hosts.service.owned.reads == 2
     names = {uuid: name for name, uuid in hosts.hosts.items()} | {added["uuid"]: "h6"}
-    mine = {agent_url_of(names[h]) for h in first | {added["uuid"]} if hosts.ring.is_mine(h)}
+    mine = {agent_url_of(names[h]) for h in all_hosts if hosts.ring.is_mine(h)}
     assert 0 < len(mine) < 7
     assert pinged_since(mark) == mine
 
@@ -326,11 +330,34 @@ async def test_the_tracker_reads_the_host_table_only_after_a_ring_change_or_ever
     hosts.service.on_ring_changed()
     await hosts.service._track_once()
     late = await hosts.add_host("h7")  # written by another node while rings disagreed: not seen yet
+    mark = len(hosts.agents.calls_of("ping"))
     for _ in range(OWNED_HOSTS_REREAD_RUNS - 1):
         await hosts.service._track_once()
     assert hosts.service.owned.reads == 3
+    assert agent_url_of("h7") not in pinged_since(mark)
     mark = len(hosts.agents.calls_of("ping"))
     await hosts.service._track_once()
     assert hosts.service.owned.reads == 4
     assert agent_url_of("h7") in pinged_since(mark)
     assert late in hosts.hosts.values()
+
+
+async def test_a_host_added_while_the_host_table_is_read_is_tracked(hosts: Fakes[HostService]):
+    """An add through this node that lands while the tracker pages the table (after a ring
+    change) is kept, even when the pages have passed its uuid."""
+    await hosts.add_host("h0")
+    repo = hosts.service.owned._hosts
+    real_page = repo.page
+    added: dict[str, Any] = {}
+
+    async def page_then_add(after: str, limit: int) -> Any:
+        rows = await real_page(after, limit)
+        if not added:  # the first page is read: now an add arrives, before the read ends
+            added.update(await hosts.handle(AddHostMsg(name="h9", agent_url=agent_url_of("h9")), msg_id="add-9"))
+        return [r for r in rows if r.uuid != added["uuid"]]  # as if the pages had passed its uuid
+
+    repo.page = page_then_add  # type: ignore[method-assign]  # a page read that an add overtakes
+    await hosts.service._track_once()
+    repo.page = real_page  # type: ignore[method-assign]  # restored
+    assert added
+    assert agent_url_of("h9") in {c.agent_url for c in hosts.agents.calls_of("ping")}

@@ -39,7 +39,9 @@ def settle_heap() -> None:
     """Once a node has started: collect, move every object alive now (modules, models, the web
     app, pools: hundreds of thousands) out of the collector's sight (``gc.freeze``), and collect
     young objects less often (``GC_THRESHOLDS``). Full collections then walk only what came after
-    start-up."""
+    start-up. On a rejoin the previous incarnation's objects are unfrozen first, so what is
+    garbage of it can be collected."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

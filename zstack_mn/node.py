@@ -305,6 +305,9 @@ class Node:
         if existing:
             if existing[0].agent_url != url:
                 await hosts.update(existing[0].uuid, agent_url=url, status="Connected")
+                for service in self.services:
+                    if isinstance(service, HostService):
+                        service.owned.invalidate()  # its tracker may have read the old URL already
             return
         await self.bus.call(AddHostMsg(name=DEFAULT_HOST_NAME, agent_url=url), timeout=self.settings.call_timeout)
         log.info("embedded simulated agent registered as a host", agent=url)

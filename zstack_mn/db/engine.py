@@ -130,9 +130,12 @@ class Database:
         statements every VM operation runs (``zstack_mn.db.vm_transitions``): SQLAlchemy's
         statement layer costs about twice the driver's CPU per call there, and the pool (so the
         connection budget) stays the one the rest of the node uses. A unique violation raises
-        SQLAlchemy's ``IntegrityError``; retryable SQLSTATEs are translated as in ``begin``; any
-        other failure of the driver (time-out, lost or killed connection) drops the connection
-        from the pool and is a retryable DATABASE_UNAVAILABLE."""
+        SQLAlchemy's ``IntegrityError``; retryable SQLSTATEs are translated as in ``begin``. A
+        statement cut short (time-out, cancellation) or a connection found lost or killed drops
+        the connection from the pool; the outage is a retryable DATABASE_UNAVAILABLE. Any other
+        error of the driver (a bad argument: a bug, not an outage) is raised as it is."""
+        if not self.is_postgres:
+            raise RuntimeError("fetch_row runs on PostgreSQL only")
         with translated_errors():
             async with self._autocommit.connect() as conn:
                 driver = (await conn.get_raw_connection()).driver_connection
@@ -141,22 +144,21 @@ class Database:
                     row: Mapping[str, Any] | None = await driver.fetchrow(sql, *args)
                 except asyncpg.UniqueViolationError as exc:
                     raise IntegrityError(sql, args, exc) from exc
-                except asyncpg.PostgresError as exc:
-                    if _retryable(exc.sqlstate):
-                        raise ZStackError(
-                            ErrorCode.DATABASE_UNAVAILABLE,
-                            f"the database is unavailable or busy (SQLSTATE {exc.sqlstate}); retry",
-                            sqlstate=exc.sqlstate,
-                        ) from exc
-                    raise
                 except asyncio.CancelledError:
                     await conn.invalidate()  # cut short mid-statement: the connection is unusable
                     raise
                 except Exception as exc:
-                    await conn.invalidate()
-                    raise ZStackError(
-                        ErrorCode.DATABASE_UNAVAILABLE, f"database connection failed: {type(exc).__name__}; retry"
-                    ) from exc
+                    lost = driver.is_closed() or isinstance(exc, _LOST_CONNECTION_ERRORS)
+                    if lost:
+                        await conn.invalidate()
+                    sqlstate = getattr(exc, "sqlstate", None)
+                    if lost or _retryable(sqlstate):
+                        raise ZStackError(
+                            ErrorCode.DATABASE_UNAVAILABLE,
+                            f"the database is unavailable or busy ({type(exc).__name__}, SQLSTATE {sqlstate}); retry",
+                            sqlstate=sqlstate,
+                        ) from exc
+                    raise
         if row is None:
             raise NoResultFound(f"no row from {sql}")
         return row
@@ -199,7 +201,7 @@ def translated_errors() -> Iterator[None]:
     """Database outages and retryable SQLSTATEs become a retryable DATABASE_UNAVAILABLE error."""
     try:
         yield
-    except (TimeoutError, OperationalError, OSError, ConnectionError, asyncpg.InterfaceError) as exc:
+    except (TimeoutError, OperationalError, OSError, ConnectionError) as exc:
         raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, f"database unavailable: {type(exc).__name__}") from exc
     except PoolTimeoutError as exc:
         raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "no database connection free in time; retry") from exc
@@ -213,6 +215,16 @@ def translated_errors() -> Iterator[None]:
                 sqlstate=_sqlstate(exc),
             ) from exc
         raise
+
+
+_LOST_CONNECTION_ERRORS = (
+    TimeoutError,  # the client-side command timeout: the statement may still run, the state is unknown
+    OSError,
+    ConnectionError,
+    asyncpg.PostgresConnectionError,  # includes ConnectionDoesNotExistError (08003)
+    asyncpg.exceptions.InternalClientError,  # the protocol is out of step ("another operation in progress")
+)
+"""Failures of ``fetch_row`` after which its connection must not go back to the pool."""
 
 
 RETRYABLE_SQLSTATES = {

@@ -57,13 +57,16 @@ safety net for a host added or deleted by another node while two rings disagreed
 
 class OwnedHosts:
     """The hosts the ring gives this node (uuid → agent URL), read from the host table after a
-    ring change and every ``OWNED_HOSTS_REREAD_RUNS`` uses, kept current in between by this
-    node's own adds and deletes (a host's messages are routed to its owner, so they come here)."""
+    ring change and every ``OWNED_HOSTS_REREAD_RUNS`` uses (the tracker's and the tracer's),
+    kept current in between by this node's own adds and deletes (a host's messages are routed
+    to its owner, so they come here), including those made while a read runs."""
 
     def __init__(self, hosts: HostRepository, ring: LiveRing) -> None:
         self._hosts = hosts
         self._ring = ring
         self._owned: dict[str, str] | None = None
+        self._changes: list[tuple[str, str | None]] | None = None
+        """Adds (uuid, URL) and deletes (uuid, None) made while a read runs, applied after it."""
         self._generation = 0
         self._uses = 0
         self.reads = 0
@@ -75,12 +78,20 @@ class OwnedHosts:
         self._generation += 1
 
     def added(self, uuid: str, agent_url: str) -> None:
-        if self._owned is not None and self._ring.is_mine(uuid):
-            self._owned[uuid] = agent_url
+        self._change(uuid, agent_url)
 
     def removed(self, uuid: str) -> None:
-        if self._owned is not None:
+        self._change(uuid, None)
+
+    def _change(self, uuid: str, agent_url: str | None) -> None:
+        if self._changes is not None:
+            self._changes.append((uuid, agent_url))
+        if self._owned is None:
+            return
+        if agent_url is None:
             self._owned.pop(uuid, None)
+        elif self._ring.is_mine(uuid):
+            self._owned[uuid] = agent_url
 
     async def get(self) -> dict[str, str]:
         """uuid → agent URL of the hosts this node owns now (a copy)."""
@@ -88,10 +99,20 @@ class OwnedHosts:
         if self._owned is None or self._uses > OWNED_HOSTS_REREAD_RUNS:
             generation = self._generation
             owned: dict[str, str] = {}
-            after = ""
-            while page := await self._hosts.page(after, TRACKER_PAGE):
-                owned.update((h.uuid, h.agent_url) for h in page if self._ring.is_mine(h.uuid))
-                after = page[-1].uuid
+            changes: list[tuple[str, str | None]] = []
+            self._changes = changes
+            try:
+                after = ""
+                while page := await self._hosts.page(after, TRACKER_PAGE):
+                    owned.update((h.uuid, h.agent_url) for h in page if self._ring.is_mine(h.uuid))
+                    after = page[-1].uuid
+            finally:
+                self._changes = None
+            for uuid, url in changes:  # made while the read ran: its pages may have passed them
+                if url is None:
+                    owned.pop(uuid, None)
+                elif self._ring.is_mine(uuid):
+                    owned[uuid] = url
             self.reads += 1
             self._uses = 1
             if generation != self._generation:
@@ -136,6 +157,7 @@ class HostService(Service):
         existing = await self.hosts.get(uuid)
         if existing is not None:
             if existing.agent_url == msg.agent_url.rstrip("/"):
+                self.owned.added(uuid, existing.agent_url)
                 return host_inventory(existing).to_wire()
             raise ZStackError(ErrorCode.DUPLICATE_RESOURCE, f"host {uuid} already exists", uuid=uuid)
         url = msg.agent_url.rstrip("/")
