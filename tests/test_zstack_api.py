@@ -29,11 +29,12 @@ from zstack_mn.messages.api import APIQueryVmInstanceMsg, APIStopVmInstanceMsg
 from zstack_mn.node import Node
 from zstack_mn.testing.cluster import free_port
 from zstack_mn.web.zstack import builtins
+from zstack_mn.web.zstack.catalog import APIS
 from zstack_mn.web.zstack.conditions import Op, QuerySpec, parse_rest_condition
 from zstack_mn.web.zstack.jobs import MAX_ATTEMPTS, request_id_of
 from zstack_mn.web.zstack.service import ZStackApi
 from zstack_mn.web.zstack.sessions import guarded
-from zstack_mn.web.zstack.wire import internal_uuid, zstack_date
+from zstack_mn.web.zstack.wire import UUID_PATTERN, internal_uuid, zstack_date
 from zstack_mn.zstack_client import ZStackTransport
 
 pytestmark = pytest.mark.timeout(120)
@@ -470,3 +471,33 @@ async def test_a_job_of_a_live_node_is_taken_over_only_once_released(node: Node)
         assert finished.attempts == 2
     finally:
         await c.close()
+
+
+async def test_the_openapi_document_states_the_zstack_api(node: Node) -> None:
+    async with httpx.AsyncClient() as h:
+        doc = (await h.get(f"{node.http_url}/openapi.json")).json()
+    paths = doc["paths"]
+    scheme = doc["components"]["securitySchemes"]["zstackSession"]
+    assert scheme == {**scheme, "type": "apiKey", "in": "header", "name": "Authorization"}
+    assert "ZStackErrorReply" in doc["components"]["schemas"]
+    for api in APIS:  # every API of the catalog, at its (normalised) path and method
+        op = paths["/zstack/v1" + api.path.replace("{vmInstanceUuid}", "{uuid}")][api.method.lower()]
+        assert op["responses"]["202" if api.kind.value == "action" else "200"]
+        assert "400" in op["responses"]
+        if api.kind.value == "session":
+            assert "security" not in op
+        else:
+            assert op["security"] == [{"zstackSession": []}]
+            assert "401" in op["responses"]
+    start = paths["/zstack/v1/vm-instances/{uuid}/actions"]["put"]
+    (uuid_param,) = (p for p in start["parameters"] if p["in"] == "path")
+    assert uuid_param["schema"]["pattern"] == UUID_PATTERN
+    bodies = start["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {"startVmInstance", "stopVmInstance", "rebootVmInstance", "migrateVm"} == {b["required"][0] for b in bodies}
+    create = paths["/zstack/v1/vm-instances"]["post"]
+    assert create["responses"]["202"]["content"]["application/json"]["schema"]["required"] == ["location"]
+    assert "params" in create["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert {"200", "202", "404"} <= set(paths["/zstack/v1/api-jobs/{uuid}"]["get"]["responses"])
+    for rpc in ("/zstack/api", "/zstack/api/"):
+        assert {"200", "400"} <= set(paths[rpc]["post"]["responses"])
+    assert "200" in paths["/zstack/api/result/{uuid}"]["get"]["responses"]

@@ -40,6 +40,11 @@ def _codes_with(status: int) -> str:
     return ", ".join(f"{c.value} {c.name}" for c in ErrorCode if c.http_status == status)
 
 
+def status_description(status: int) -> str:
+    """The error codes answered with ``status``, as the document names them."""
+    return _codes_with(status)
+
+
 def errors(statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
     """The ``responses`` entry of a route for these error statuses, each naming its codes."""
     out: dict[int | str, dict[str, Any]] = {}

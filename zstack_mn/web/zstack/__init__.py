@@ -9,11 +9,13 @@ answer a query (``queries``); ``catalog`` says which ZStack APIs exist and how t
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import structlog
 from fastapi import FastAPI
 
 from zstack_mn.services.api_portal import ApiPortal
+from zstack_mn.web.zstack import openapi
 from zstack_mn.web.zstack.rest import mount_rest
 from zstack_mn.web.zstack.rpc import mount_rpc
 from zstack_mn.web.zstack.service import ZStackApi
@@ -28,6 +30,7 @@ def mount(app: FastAPI, portal: ApiPortal) -> ZStackApi:
     zapi = ZStackApi(portal)
     mount_rest(app, zapi)
     mount_rpc(app, zapi)
+    _document(app)
     app.state.zstack = zapi
     try:
         loop = asyncio.get_running_loop()
@@ -37,6 +40,21 @@ def mount(app: FastAPI, portal: ApiPortal) -> ZStackApi:
     _STARTING.add(task)
     task.add_done_callback(_started)
     return zapi
+
+
+def _document(app: FastAPI) -> None:
+    """``app.openapi()`` with the ZStack API added (the adapters' routes are left out of FastAPI's
+    own generation: one route serves several ZStack APIs)."""
+    base = app.openapi
+    cache: dict[str, Any] = {}
+
+    def build() -> dict[str, Any]:
+        if "doc" not in cache:
+            cache["doc"] = openapi.add_to(base())
+        doc: dict[str, Any] = cache["doc"]
+        return doc
+
+    setattr(app, "openapi", build)  # noqa: B010  # FastAPI's documented way to replace the schema generator
 
 
 _STARTING: set[asyncio.Task[None]] = set()

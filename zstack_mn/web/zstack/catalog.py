@@ -106,16 +106,16 @@ COMMON_FIELDS: dict[str, Rule] = {
 }
 
 
-def _uuid(value: Any, name: str, _: Context) -> str:
+def uuid_field(value: Any, name: str, _: Context) -> str:
     return internal_uuid(value, name)
 
 
-_MANAGEMENT_IP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:\-]{0,252}$")
+MANAGEMENT_IP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:\-]{0,252}$")
 
 
 def agent_url_of(value: Any, name: str, ctx: Context) -> str:
     """AddKVMHost's ``managementIp`` → the host's agent URL (setting ``kvm_agent_url``)."""
-    if not isinstance(value, str) or not _MANAGEMENT_IP.match(value):
+    if not isinstance(value, str) or not MANAGEMENT_IP.match(value):
         raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{name}: must be an IP address or a host name", field=name)
     return ctx.kvm_agent_url.format(managementIp=value)
 
@@ -168,8 +168,8 @@ class ZApi:
             raise validation_error(exc, self.name) from None
 
 
-_VM_UUID = {"uuid": To("uuid", _uuid)}
-_HOST_UUID = {"uuid": To("uuid", _uuid)}
+_VM_UUID = {"uuid": To("uuid", uuid_field)}
+_HOST_UUID = {"uuid": To("uuid", uuid_field)}
 _DELETE_MODE = {"deleteMode": Ignore("zstack-mn checks the same either way")}
 _NO_CLUSTER = "zstack-mn has no cluster service: every host is one pool"
 
@@ -222,8 +222,8 @@ APIS: tuple[ZApi, ...] = (
             "name": To("name"),
             "cpuNum": To("cpuNum"),
             "memorySize": To("memorySize"),
-            "hostUuid": To("hostUuid", _uuid),
-            "resourceUuid": To("uuid", _uuid),
+            "hostUuid": To("hostUuid", uuid_field),
+            "resourceUuid": To("uuid", uuid_field),
             "description": Ignore("zstack-mn keeps no description"),
             "type": Refuse("zstack-mn has only user VMs", (None, "", "UserVm")),
             "strategy": Refuse("zstack-mn creates every VM started (InstantStart)", (None, "", "InstantStart")),
@@ -318,8 +318,8 @@ APIS: tuple[ZApi, ...] = (
         Inventory.VM,
         APIMigrateVmMsg,
         {
-            "vmInstanceUuid": To("uuid", _uuid),
-            "hostUuid": To("hostUuid", _uuid),
+            "vmInstanceUuid": To("uuid", uuid_field),
+            "hostUuid": To("hostUuid", uuid_field),
             "migrateFromDestination": Refuse("zstack-mn migrates from the source host", (None, False)),
             "allowUnknown": Refuse("zstack-mn migrates only a Running VM", (None, False)),
             "strategy": Refuse("zstack-mn has one migration strategy"),
@@ -351,7 +351,7 @@ APIS: tuple[ZApi, ...] = (
             "name": To("name"),
             "managementIp": To("agentUrl", agent_url_of),
             "agentUrl": To("agentUrl"),
-            "resourceUuid": To("uuid", _uuid),
+            "resourceUuid": To("uuid", uuid_field),
             "username": Ignore("SSH deployment of the agent: zstack-mn talks to an agent already running"),
             "password": Ignore("SSH deployment of the agent: never stored"),
             "sshPort": Ignore("SSH deployment of the agent"),

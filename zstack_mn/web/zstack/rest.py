@@ -25,6 +25,7 @@ import orjson
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.convertors import CONVERTOR_TYPES, Convertor, register_url_convertor
 
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.web.zstack.catalog import APIS, Kind, ZApi
@@ -73,16 +74,51 @@ async def _body(request: Request) -> dict[str, Any]:
     return data
 
 
-def _normalise(path: str) -> str:
+def normalise(path: str) -> str:
     """``/vm-instances/{vmInstanceUuid}/actions`` and ``/vm-instances/{uuid}/actions`` are one
     route (as RestServer normalises them); the variable is then named ``id``."""
     return re.sub(r"\{\w+\}", "{id}", path)
 
 
+def _any_but(literals: list[str]) -> Convertor[str]:
+    """A path segment other than the given literals."""
+
+    class AnyBut(Convertor[str]):
+        regex = "(?!(?:" + "|".join(re.escape(w) for w in literals) + ")$)[^/]+"
+
+        def convert(self, value: str) -> str:
+            return value
+
+        def to_string(self, value: str) -> str:
+            return value
+
+    return AnyBut()
+
+
+def routed(path: str, paths: list[str]) -> str:
+    """``path`` as routed: its ``{id}`` never takes a segment that is a literal of another path at
+    the same place (``/hosts/{id}`` is not ``/hosts/kvm``, so a request there is answered 405 with
+    ``Allow: POST``, as ``/openapi.json`` says)."""
+    parts = path.split("/")
+    if "{id}" not in parts:
+        return path
+    at = parts.index("{id}")
+    literals = sorted(
+        {q[at] for q in (p.split("/") for p in paths) if len(q) > at and q[:at] == parts[:at] and "{" not in q[at]}
+    )
+    if not literals:
+        return path
+    name = "zstack_not_" + "_".join(re.sub(r"\W", "_", w) for w in literals)
+    if name not in CONVERTOR_TYPES:
+        register_url_convertor(name, _any_but(literals))
+    parts[at] = "{id:" + name + "}"
+    return "/".join(parts)
+
+
 def mount_rest(app: FastAPI, zapi: ZStackApi) -> None:
     groups: dict[tuple[str, str], list[ZApi]] = defaultdict(list)
     for api in APIS:
-        groups[(api.method, _normalise(api.path))].append(api)
+        groups[(api.method, normalise(api.path))].append(api)
         if api.kind is Kind.QUERY:  # each query's ``optionalPaths``: ``<path>/{uuid}``
             groups[("GET", api.path + "/{id}")].append(api)
 
@@ -126,9 +162,14 @@ def mount_rest(app: FastAPI, zapi: ZStackApi) -> None:
         job = await zapi.submit(api, params, session, job)
         return _json({"location": f"{str(request.base_url).rstrip('/')}{PREFIX}{JOBS_PATH}/{job}"}, 202)
 
+    paths = sorted({path for _, path in groups})
     for (method, path), apis in groups.items():
         app.add_api_route(
-            PREFIX + path, _endpoint(handle, apis), methods=[method], include_in_schema=False, name=apis[0].name
+            PREFIX + routed(path, paths),
+            _endpoint(handle, apis),
+            methods=[method],
+            include_in_schema=False,
+            name=apis[0].name,
         )
 
     async def poll(uuid: str) -> Response:

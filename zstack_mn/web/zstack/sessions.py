@@ -32,6 +32,14 @@ log = structlog.get_logger(__name__)
 SWEEP_EVERY_S = 600.0
 _HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{128}$")
 _SESSION_UUID = re.compile(r"^[0-9a-fA-F]{32}$")
+ACCOUNT_TYPES = (None, "", "iam1", "ZStack")
+LOGIN_FIELDS: dict[str, dict[str, Any]] = {
+    "accountName": {"type": "string", "minLength": 1},
+    "password": {"type": "string", "pattern": _HEX_DIGEST.pattern, "description": "its SHA-512 hex digest"},
+    "accountType": {"enum": list(ACCOUNT_TYPES)},
+}
+"""What ``login`` reads (``/openapi.json`` states the same); ``accountName`` and ``password`` are
+required."""
 
 
 def invalid_session(why: str) -> ZStackError:
@@ -65,7 +73,7 @@ class SessionGuard:
                 ErrorCode.INVALID_ARGUMENT, "password: must be the SHA-512 hex digest of the password", field="password"
             )
         account_type = params.get("accountType")
-        if account_type not in (None, "", "iam1", "ZStack"):
+        if account_type not in ACCOUNT_TYPES:
             raise ZStackError(
                 ErrorCode.INVALID_ARGUMENT, "accountType: zstack-mn has only ZStack accounts", field="accountType"
             )

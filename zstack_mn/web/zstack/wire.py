@@ -17,16 +17,33 @@ import uuid as uuidlib
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel
+
 from zstack_mn.messages import ErrorCode, ZStackError
+
+UUID_PATTERN = r"^(?:[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+"""A uuid as the adapters accept it: 32 hex characters or the dashed form (``/openapi.json`` says
+the same)."""
+_UUID = re.compile(UUID_PATTERN)
+
+
+class ZStackErrorBody(BaseModel):
+    """ZStack's ``ErrorCode`` JSON, as ``error_body`` writes it (for ``/openapi.json``)."""
+
+    code: str
+    description: str
+    details: str
+    opaque: dict[str, Any] | None = None
+
+
+class ZStackErrorReply(BaseModel):
+    error: ZStackErrorBody
 
 
 def internal_uuid(value: object, field: str) -> str:
     """The dashed form of a uuid given in either form; INVALID_ARGUMENT naming ``field`` otherwise."""
-    if isinstance(value, str):
-        try:
-            return str(uuidlib.UUID(value))
-        except ValueError:
-            pass
+    if isinstance(value, str) and _UUID.fullmatch(value):
+        return str(uuidlib.UUID(value))
     raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{field}: must be a uuid (32 hex characters)", field=field)
 
 
