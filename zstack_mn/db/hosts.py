@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import RowMapping, and_, delete, exists, func, insert, select, true, update
+from sqlalchemy import RowMapping, delete, exists, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
 from zstack_mn.db.models import HOST_TABLE, VM_TABLE
+from zstack_mn.db.pages import query_page
 from zstack_mn.messages.inventory import HostInventory
 from zstack_mn.messages.states import HostState, HostStatus, VmState
 
@@ -41,7 +43,7 @@ class HostRow:
     updated_at: datetime | None
 
     @classmethod
-    def of(cls, mapping: RowMapping) -> HostRow:
+    def of(cls, mapping: RowMapping | Mapping[str, Any]) -> HostRow:
         values = {name: mapping[name] for name in _HOST_FIELDS}
         values["state"] = HostState(values["state"])
         values["status"] = HostStatus(values["status"])
@@ -196,16 +198,14 @@ class HostRepository:
         uuid ``after`` (through an index, whatever the depth), skipping the first ``start``. The total
         of every match, or None when ``count`` is false (it is the one part whose cost grows with
         the table); no rows when ``rows`` is false."""
-        cond = and_(*[getattr(HOST.c, k) == v for k, v in filters.items()]) if filters else true()
-        total: int | None = None
-        found: list[HostInventory] = []
-        async with self.db.begin() as conn:
-            if count:
-                total = int((await conn.execute(select(func.count()).select_from(HOST).where(cond))).scalar_one())
-            if rows:
-                page = select(HOST).where(cond)
-                if after is not None:
-                    page = page.where(HOST.c.uuid > after)
-                result = await conn.execute(page.order_by(HOST.c.uuid).limit(limit).offset(start))
-                found = [host_inventory(HostRow.of(r._mapping)) for r in result]
-        return total, found
+        return await query_page(
+            self.db,
+            HOST,
+            lambda m: host_inventory(HostRow.of(m)),
+            filters,
+            limit,
+            start,
+            after=after,
+            count=count,
+            rows=rows,
+        )

@@ -11,12 +11,13 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import RowMapping, and_, func, insert, select, true, update
+from sqlalchemy import RowMapping, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.db.engine import Database
 from zstack_mn.db.hosts import HostRepository
 from zstack_mn.db.models import VM_TABLE
+from zstack_mn.db.pages import query_page
 from zstack_mn.messages.inventory import VmInventory
 from zstack_mn.messages.states import VmState
 
@@ -213,16 +214,6 @@ class VmRepository:
         uuid ``after`` (through an index, whatever the depth), skipping the first ``start``. The total
         of every match, or None when ``count`` is false (it is the one part whose cost grows with
         the table); no rows when ``rows`` is false."""
-        cond = and_(*[getattr(VM.c, k) == v for k, v in filters.items()]) if filters else true()
-        total: int | None = None
-        found: list[VmInventory] = []
-        async with self.db.begin() as conn:
-            if count:
-                total = int((await conn.execute(select(func.count()).select_from(VM).where(cond))).scalar_one())
-            if rows:
-                page = select(VM).where(cond)
-                if after is not None:
-                    page = page.where(VM.c.uuid > after)
-                result = await conn.execute(page.order_by(VM.c.uuid).limit(limit).offset(start))
-                found = [vm_inventory(VmRow.of(r._mapping)) for r in result]
-        return total, found
+        return await query_page(
+            self.db, VM, lambda m: vm_inventory(VmRow.of(m)), filters, limit, start, after=after, count=count, rows=rows
+        )
