@@ -210,10 +210,7 @@ class VmRepository:
         count: bool = True,
         rows: bool = True,
     ) -> tuple[int | None, list[VmInventory]]:
-        """The VMs equal to ``filters`` (by column), in uuid order: ``limit`` of them after the
-        uuid ``after`` (through an index, whatever the depth), skipping the first ``start``. The total
-        of every match, or None when ``count`` is false (it is the one part whose cost grows with
-        the table); no rows when ``rows`` is false."""
+        """A page of VMs: ``zstack_mn.db.pages.query_page``."""
         return await query_page(
             self.db, VM, lambda m: vm_inventory(VmRow.of(m)), filters, limit, start, after=after, count=count, rows=rows
         )
