@@ -92,7 +92,7 @@ async def http_sweep(h: ClusterHarness, toggler: Toggler, seconds: float) -> dic
     out = {}
     for c in CONCURRENCY:
         per_node = max(1, math.ceil(c / WORKERS_PER_HTTP_CLIENT))
-        clients = [Client.http([u], timeout=CALL_TIMEOUT) for u in h.urls() for _ in range(per_node)]
+        clients = [h.client([u], timeout=CALL_TIMEOUT) for u in h.urls() for _ in range(per_node)]
         try:
             out[c] = await window_load(_spread(toggler, clients), c, seconds)
         finally:
@@ -103,7 +103,7 @@ async def http_sweep(h: ClusterHarness, toggler: Toggler, seconds: float) -> dic
 
 async def amqp_sweep(h: ClusterHarness, url: str, toggler: Toggler, seconds: float) -> dict[int, LoadResult]:
     """``api.portal`` load at each concurrency through one AMQP client."""
-    client = await Client.amqp(url, h.queue_prefix, timeout=CALL_TIMEOUT)
+    client = await h.amqp_client(timeout=CALL_TIMEOUT)
     try:
         return {c: await window_load(lambda i: toggler.flip(client), c, seconds) for c in CONCURRENCY}
     finally:
@@ -149,7 +149,7 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
     for n in NODE_COUNTS:
         async with cluster(url, f"{prefix}n{n}", n) as h:
             agent = await h.start_agent(cpu=4 * VMS, memory="1T")
-            async with Client.http(h.urls(), timeout=CALL_TIMEOUT) as setup:
+            async with h.client(h.urls(), timeout=CALL_TIMEOUT) as setup:
                 toggler = Toggler(await make_vms(setup, agent, VMS))
             for c, res in (await http_sweep(h, toggler, seconds)).items():
                 rows.append(_row("HTTP", n, c, res, raw[c]))

@@ -17,7 +17,6 @@ import aiohttp
 import orjson
 
 from benchmarks.cluster_util import cluster, percentiles
-from zstack_mn.client import Client
 
 VMS = 10_000
 QUICK_VMS = 1_000
@@ -71,7 +70,7 @@ def _error_code(status: int, content: bytes) -> str:
 async def one_run(url: str, prefix: str, total: int, hosts: int) -> dict[str, Any]:
     async with cluster(url, prefix, 3) as h:
         agent = await h.start_agent(cpu=HOST_CPU, memory=HOST_MEMORY)
-        async with Client.http(h.urls()) as c:
+        async with h.client(h.urls()) as c:
             for i in range(hosts):
                 await c.add_host(f"big{i}", f"{agent}/hosts/big{i}")
         connector = aiohttp.TCPConnector(limit=CONCURRENCY)

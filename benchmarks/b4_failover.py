@@ -227,7 +227,7 @@ async def one_round(url: str, prefix: str, sig: int, seed: int) -> Round:
     async with cluster(url, prefix, NODES, heartbeat=HEARTBEAT_S, node_timeout=NODE_TIMEOUT_S, env=NODE_ENV) as h:
         established = time.monotonic() + LIVENESS_TRUST_ROUNDS * HEARTBEAT_S
         agent = await h.start_agent()
-        async with Client.http(h.urls(), timeout=60) as setup:
+        async with h.client(h.urls(), timeout=60) as setup:
             vms = [vm["uuid"] for vm in await make_vms(setup, agent, VMS, hosts=HOSTS)]
         ring = HashRing({n.uuid for n in h.nodes})
         victim = h.nodes[1]
@@ -235,9 +235,9 @@ async def one_round(url: str, prefix: str, sig: int, seed: int) -> Round:
         owned = {vm for vm in vms if ring.owner_of(vm) == victim.uuid}
         load = Load(
             vms,
-            Client.http(h.urls(), timeout=CALL_DEADLINE_S),
-            Client.http(h.urls(survivors), timeout=CALL_DEADLINE_S),
-            Client.http(h.urls(survivors), timeout=CALL_DEADLINE_S),
+            h.client(h.urls(), timeout=CALL_DEADLINE_S),
+            h.client(h.urls(survivors), timeout=CALL_DEADLINE_S),
+            h.client(h.urls(survivors), timeout=CALL_DEADLINE_S),
         )
         db = await asyncpg.connect(h.database_url.replace("postgresql+asyncpg://", "postgresql://"))
         workers = [asyncio.create_task(load.worker(seed * 1000 + i)) for i in range(WORKERS)]

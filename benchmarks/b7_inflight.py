@@ -93,7 +93,7 @@ async def one_latency(
     n = len(toggler.state)
     node = h.nodes[0]
     await set_agent_latency(agent, latency)
-    client = await Client.amqp(url, h.queue_prefix, timeout=client_timeout(n, latency))
+    client = await h.amqp_client(timeout=client_timeout(n, latency))
     sampler = Sampler(node)
     sampling = asyncio.create_task(sampler.run())
     try:
@@ -141,7 +141,7 @@ def _result(
 
 async def measure_rate(h: ClusterHarness, toggler: Toggler) -> float:
     """One-node HTTP start/stop ops/s at c=RATE_CONCURRENCY for RATE_SECONDS."""
-    async with Client.http(h.urls(), timeout=60) as client:
+    async with h.client(h.urls(), timeout=60) as client:
         return (await run_load(lambda i: toggler.flip(client), RATE_CONCURRENCY, RATE_SECONDS)).rate
 
 
@@ -156,7 +156,7 @@ def b2_rate(results: dict[str, Any]) -> float | None:
 async def one_size(url: str, prefix: str, n: int, latencies: tuple[float, ...], rate: float | None) -> dict[str, Any]:
     async with cluster(url, prefix, 1, env=node_env(latencies)) as h:
         agent = await h.start_agent(cpu=2 * n + 64, memory="4T")
-        async with Client.http(h.urls(), timeout=120) as setup:
+        async with h.client(h.urls(), timeout=120) as setup:
             toggler = Toggler(await make_vms(setup, agent, n, concurrency=64))
         source = "B2 (same run)" if rate else "measured in B7"
         if not rate:

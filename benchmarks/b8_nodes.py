@@ -37,7 +37,7 @@ from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.testing import servers
-from zstack_mn.testing.cluster import ClusterHarness, Proc, log_events
+from zstack_mn.testing.cluster import ADMIN_PASSWORD, ClusterHarness, Proc, log_events
 from zstack_mn.testing.uuids import seeded_uuids
 
 NODES = 30
@@ -167,7 +167,7 @@ class Load:
     @classmethod
     def over(cls, urls: list[str], toggler: Toggler) -> Load:
         rotated = [urls[i % len(urls) :] + urls[: i % len(urls)] for i in range(WORKERS)]
-        return cls(toggler, [Client.http(u, timeout=CALL_TIMEOUT) for u in rotated])
+        return cls(toggler, [Client.http(u, password=ADMIN_PASSWORD, timeout=CALL_TIMEOUT) for u in rotated])
 
     async def worker(self, client: Client) -> None:
         while not self._stop.is_set():
@@ -215,7 +215,7 @@ async def churn(h: ClusterHarness, seconds: float) -> dict[str, Any]:
 
 async def steady_load(h: ClusterHarness, seconds: float) -> dict[str, Any]:
     agent = await h.start_agent()
-    async with Client.http(h.urls(), timeout=60) as setup:
+    async with h.client(h.urls(), timeout=60) as setup:
         toggler = Toggler(await make_vms(setup, agent, VMS))
     load = Load.over(h.urls(), toggler)
     running = asyncio.create_task(load.run())

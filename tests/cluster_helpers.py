@@ -11,7 +11,7 @@ async def setup_vms(harness: ClusterHarness, count: int, hosts: int = 2) -> tupl
     """An agent with ``hosts`` hosts and ``count`` Running VMs; a client of every node (the
     caller closes it)."""
     agent = await harness.start_agent()
-    client = Client.http(harness.urls(), timeout=60)
+    client = harness.client(harness.urls(), timeout=60)
     vms = await add_hosts_and_vms(client, agent, count, hosts=hosts, concurrency=count)
     assert [vm["state"] for vm in vms] == ["Running"] * count
     return client, [vm["uuid"] for vm in vms]

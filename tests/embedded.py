@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from zstack_mn.config import load_settings
+from zstack_mn.client import Client
+from zstack_mn.config import ZSTACK_DEFAULT_PASSWORD, load_settings
 from zstack_mn.node import Node
 
 
@@ -30,3 +31,10 @@ async def embedded_node(tmp_path: Path, **overrides: object) -> AsyncIterator[No
     node = Node(settings)
     async with node:
         yield node
+
+
+async def session_headers(url: str, password: str = ZSTACK_DEFAULT_PASSWORD) -> dict[str, str]:
+    """``Authorization: OAuth <session>`` for a new login of ``admin`` at ``url`` (every ``/v1``
+    call needs one)."""
+    async with Client.http(url, password=password) as client:
+        return {"Authorization": f"OAuth {await client.login()}"}

@@ -78,14 +78,14 @@ def assert_handled_by_owners(cluster: ClusterHarness, handled: dict[str, str]) -
 
 async def test_every_api_over_http_with_several_urls(cluster: ClusterHarness):
     assert cluster.agent is not None
-    async with Client.http(cluster.urls()) as client:
+    async with cluster.client(cluster.urls()) as client:
         handled = await exercise_every_api(client, cluster.agent.url, "http")
     assert_handled_by_owners(cluster, handled)
 
 
 async def test_every_api_over_amqp(cluster: ClusterHarness):
     assert cluster.agent is not None
-    client = await Client.amqp(cluster.amqp_url, cluster.queue_prefix)
+    client = await cluster.amqp_client()
     try:
         handled = await exercise_every_api(client, cluster.agent.url, "amqp")
     finally:
@@ -95,7 +95,7 @@ async def test_every_api_over_amqp(cluster: ClusterHarness):
 
 async def test_http_client_fails_over_to_a_live_node(cluster: ClusterHarness):
     dead = "http://127.0.0.1:1"
-    async with Client.http([dead, *cluster.urls()]) as client:
+    async with cluster.client([dead, *cluster.urls()]) as client:
         assert (await client.management_nodes())["total"] == 3
 
 
@@ -135,12 +135,29 @@ async def test_poison_on_the_api_and_a_service_queue(cluster: ClusterHarness):
             assert (await http.get(n.url + "/readyz")).json()["ready"] is True
 
 
+async def test_api_portal_refuses_a_message_without_a_live_session(cluster: ClusterHarness):
+    """Published straight onto ``api.portal`` over the real broker: no session, a made-up one or a
+    malformed one is answered with ZStack's invalid-session error, and nothing is created."""
+    for session in ("", "0" * 32, "not-a-session"):
+        client = await cluster.amqp_client(session=session, timeout=10)
+        try:
+            with pytest.raises(ZStackError) as err:
+                await client.create_vm(f"no-session-{session[:4]}", cpu_num=1, memory_size="64M")
+            assert err.value.code is ErrorCode.INVALID_SESSION, session
+        finally:
+            await client.close()
+    async with cluster.client() as client:
+        for session in ("", "0" * 32, "not-a-session"):
+            assert (await client.query_vms(name=f"no-session-{session[:4]}"))["inventories"] == []
+
+
 async def test_read_endpoints_metrics_and_openapi_on_every_node(cluster: ClusterHarness):
     assert cluster.agent is not None
-    async with Client.http(cluster.urls()) as client:
+    async with cluster.client(cluster.urls()) as client:
         host = await client.add_host("read-h", f"{cluster.agent.url}/hosts/read-1")
         vm = await client.create_vm("read-vm", cpu_num=1, memory_size="64M")
-    async with httpx.AsyncClient(timeout=10) as http:
+        session = await client.login()
+    async with httpx.AsyncClient(timeout=10, headers={"Authorization": f"OAuth {session}"}) as http:
         for node in cluster.nodes:
             got_vm = await http.get(f"{node.url}/v1/vm-instances/{vm['uuid']}")
             assert got_vm.status_code == 200

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from tests.embedded import embedded_node
+from tests.embedded import embedded_node, session_headers
 from zstack_mn.db.models import Host, MessageResult, VmInstance
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.messages.api import APIAddHostMsg, APIQueryVmInstanceMsg
@@ -31,7 +31,9 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 
 @pytest.fixture
 async def http(node: Node) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=node.http_url, timeout=10, headers=await session_headers(node.http_url)
+    ) as client:
         yield client
 
 
@@ -180,13 +182,13 @@ async def test_a_host_deletion_answers_with_the_documented_body(node: Node, http
 async def test_the_openapi_document_states_what_the_server_answers(http: httpx.AsyncClient):
     doc = (await http.get("/openapi.json")).json()
     assert "HTTPValidationError" not in doc["components"]["schemas"]
-    assert "bearer" not in doc["components"]["securitySchemes"]  # no token set: /v1 asks for none
     for path, operations in doc["paths"].items():
         for method, op in operations.items():
             responses = op["responses"]
             assert "422" not in responses, (method, path)
             if path.startswith("/v1/"):
-                assert "security" not in op, (method, path)
+                assert op["security"] == [{"session": []}], (method, path)
+                assert "401" in responses, (method, path)
                 assert "400" in responses, (method, path)
                 error = responses["400"]["content"]["application/json"]["schema"]
                 assert error == {"$ref": "#/components/schemas/ErrorReply"}
@@ -199,12 +201,18 @@ async def test_the_openapi_document_states_what_the_server_answers(http: httpx.A
     assert list(metrics) == ["text/plain"]
 
 
-async def test_the_openapi_document_has_the_bearer_scheme_when_a_token_is_set(tmp_path: Path):
-    async with embedded_node(tmp_path, api_token="s3cret") as node, httpx.AsyncClient(base_url=node.http_url) as http:
+async def test_the_openapi_document_has_the_session_scheme_and_the_api_needs_a_session(node: Node):
+    async with httpx.AsyncClient(base_url=node.http_url) as http:
         doc = (await http.get("/openapi.json")).json()
-        assert doc["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
+        scheme = doc["components"]["securitySchemes"]["session"]
+        assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "Authorization")
         query = doc["paths"]["/v1/vm-instances"]["get"]
-        assert query["security"] == [{"bearer": []}]
+        assert query["security"] == [{"session": []}]
         assert "401" in query["responses"]
         assert "security" not in doc["paths"]["/healthz"]["get"]
-        assert (await http.get("/v1/vm-instances")).status_code == 401
+        for headers in ({}, {"Authorization": "Bearer x"}, {"Authorization": f"OAuth {'0' * 32}"}):
+            denied = await http.get("/v1/vm-instances", headers=headers)
+            assert denied.status_code == 401, headers
+            assert denied.json()["error"]["code"] == ErrorCode.INVALID_SESSION.value
+        allowed = await http.get("/v1/vm-instances", headers=await session_headers(node.http_url))
+        assert allowed.status_code == 200

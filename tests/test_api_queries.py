@@ -13,7 +13,7 @@ import httpx
 import pytest
 from sqlalchemy import insert, text
 
-from tests.embedded import embedded_node
+from tests.embedded import embedded_node, session_headers
 from zstack_mn.db.engine import Database
 from zstack_mn.db.models import HOST_TABLE, VM_TABLE
 from zstack_mn.db.vms import VmRepository
@@ -32,7 +32,9 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 
 @pytest.fixture
 async def http(node: Node) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=node.http_url, timeout=15) as client:
+    async with httpx.AsyncClient(
+        base_url=node.http_url, timeout=15, headers=await session_headers(node.http_url)
+    ) as client:
         for i in range(VMS):
             body = {"params": {"name": f"q{i}", "cpuNum": 1, "memorySize": "64M"}}
             resp = await client.post("/v1/vm-instances", json=body)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.embedded import embedded_node
-from zstack_mn.client import Client
-from zstack_mn.testing.cluster import ClusterHarness, add_hosts_and_vms
+from tests.embedded import embedded_node, session_headers
+from zstack_mn.config import ZSTACK_DEFAULT_PASSWORD
+from zstack_mn.testing.cluster import ADMIN_PASSWORD, ClusterHarness, add_hosts_and_vms
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "schemathesis.toml"
@@ -30,13 +30,23 @@ EXAMPLES = 40
 CLUSTER_EXAMPLES = 25
 SLOW_EXAMPLES = 1000
 RUN_DEADLINE = 300.0
+AUTH_VARIABLE = "ZSTACK_MN_SCHEMATHESIS_AUTH"
 
 
 async def schemathesis(
-    base_url: str, workdir: Path, *, examples: int, seed: int, deadline: float = RUN_DEADLINE
+    base_url: str,
+    workdir: Path,
+    *,
+    examples: int,
+    seed: int,
+    deadline: float = RUN_DEADLINE,
+    password: str = ZSTACK_DEFAULT_PASSWORD,
 ) -> tuple[int, str]:
     """Run the schemathesis command line against ``base_url`` in ``workdir`` (where it keeps its
-    cache), with the project's configuration and hooks; (exit status, its report)."""
+    cache), with the project's configuration and hooks and a session of ``admin`` for the plain
+    API (``schemathesis.toml`` reads it from ZSTACK_MN_SCHEMATHESIS_AUTH); (exit status, its
+    report)."""
+    auth = (await session_headers(base_url, password))["Authorization"]
     proc = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "--no-color", "run"),
         *(f"{base_url}/openapi.json", "--checks", "all", "--seed", str(seed), "--max-examples", str(examples)),
@@ -44,7 +54,11 @@ async def schemathesis(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=workdir,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+        env={
+            **os.environ,
+            AUTH_VARIABLE: auth,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        },
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), deadline)
@@ -73,9 +87,11 @@ async def test_schemathesis_finds_nothing_on_a_three_node_cluster(harness: Clust
     agent = await harness.start_agent()
     nodes = await harness.start_nodes(3)
     await harness.wait_rings_agree(nodes, 30)
-    async with Client.http(harness.urls()) as client:
+    async with harness.client(harness.urls()) as client:
         await add_hosts_and_vms(client, agent, 6, hosts=2)
-    status, report = await schemathesis(nodes[0].url, harness.workdir, examples=CLUSTER_EXAMPLES, seed=SEED)
+    status, report = await schemathesis(
+        nodes[0].url, harness.workdir, examples=CLUSTER_EXAMPLES, seed=SEED, password=ADMIN_PASSWORD
+    )
     assert passed(status, report), report[-6000:]
 
 

@@ -13,7 +13,6 @@ from sqlalchemy import select
 
 from tests.cluster_helpers import owned, three_nodes_with_vms
 from zstack_mn.agent.protocol import AgentFault
-from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.db.engine import Database
 from zstack_mn.db.models import VmInstance
@@ -34,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(
 async def test_three_nodes_agree_on_the_ring(harness: ClusterHarness):
     nodes = await harness.start_nodes(3)
     await harness.wait_rings_agree(nodes, 10)
-    async with Client.http(harness.urls()) as client:
+    async with harness.client(harness.urls()) as client:
         listed = await client.management_nodes()
     assert {n["uuid"] for n in listed["inventories"]} == {n.uuid for n in nodes}
     assert listed["total"] == 3
@@ -47,7 +46,7 @@ async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: Clust
     assert victims_vms, "the victim owns no VM; the ring is broken"
 
     victim.signal(signal.SIGSTOP)
-    async with Client.http(harness.urls(survivors), timeout=60) as via_survivors:
+    async with harness.client(harness.urls(survivors), timeout=60) as via_survivors:
         calls = [asyncio.create_task(via_survivors.stop_vm(v)) for v in victims_vms]
         await asyncio.sleep(0.5)
         assert not any(c.done() for c in calls), "the frozen owner answered"
@@ -59,7 +58,7 @@ async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: Clust
     reasons = log_events(survivors, "evicted a dead node")
     assert [e["reason"] for e in reasons if e.get("dead") == victim.uuid] == ["session gone"], reasons
     print(f"SIGKILL: survivors' rings agreed {took:.2f}s after the kill")
-    async with Client.http(harness.urls(survivors)) as c:
+    async with harness.client(harness.urls(survivors)) as c:
         for v in victims_vms:
             assert (await c.start_vm(v))["state"] == "Running"
     await client.close()
@@ -68,7 +67,7 @@ async def test_sigkill_evicts_fast_and_queued_messages_are_served(harness: Clust
 async def test_sigterm_leaves_within_a_heartbeat_and_loses_nothing(harness: ClusterHarness):
     nodes, _uuids, client, vms = await three_nodes_with_vms(harness, 30)
     leaver, stayers = nodes[0], nodes[1:]
-    async with Client.http(harness.urls(stayers), timeout=60) as c:
+    async with harness.client(harness.urls(stayers), timeout=60) as c:
         calls = [asyncio.create_task(c.reboot_vm(v)) for v in vms]
         await asyncio.sleep(0.05)
         leaver.signal(signal.SIGTERM)
@@ -101,7 +100,7 @@ async def test_short_sigstop_is_not_evicted_long_one_is_and_never_serves_again(h
     await harness.wait_rings_agree(others, harness.node_timeout * 3, "frozen node evicted")
     frozen.signal(signal.SIGCONT)
     await harness.wait_until(lambda: _rejoined(harness, frozen, old_uuid), 30, "rejoin under a new uuid")
-    async with Client.http(harness.urls(), timeout=60) as c:
+    async with harness.client(harness.urls(), timeout=60) as c:
         for v in vms:
             await c.stop_vm(v)
             await c.start_vm(v)
@@ -137,7 +136,7 @@ async def test_sigkill_during_slow_start_ends_in_the_agents_state(harness: Clust
     assert agent is not None
     mine = owned(vms, uuids, victim.uuid)
     assert mine
-    async with Client.http(harness.urls(nodes[1:]), timeout=60) as c:
+    async with harness.client(harness.urls(nodes[1:]), timeout=60) as c:
         for v in mine:
             await c.stop_vm(v)
         await set_agent_faults(agent.url, [AgentFault(op="start", latency=2.0)])
@@ -163,7 +162,7 @@ async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: C
     try:
         assert servers.pg_ctl("stop", "-m", "immediate").returncode == 0
         await asyncio.sleep(0.5)
-        async with Client.http(harness.urls(), timeout=5) as c:
+        async with harness.client(harness.urls(), timeout=5) as c:
             with pytest.raises(ZStackError) as during:
                 await c.stop_vm(vms[0])
         await asyncio.sleep(outage)
@@ -174,7 +173,7 @@ async def test_postgres_outage_longer_than_node_timeout_evicts_nobody(harness: C
     assert all(n.alive for n in nodes), "a node exited during the outage"
     for n in nodes:
         assert await harness.current_uuid(n) == n.uuid, "a node was evicted and rejoined"
-    async with Client.http(harness.urls(), timeout=30) as c:
+    async with harness.client(harness.urls(), timeout=30) as c:
         for v in vms[1:]:
             assert (await c.reboot_vm(v))["state"] == "Running"
         # the stop sent during the outage timed out at the client (outcome unknown): the owner,
@@ -191,10 +190,10 @@ async def test_thousand_concurrent_creates_never_oversubscribe(harness: ClusterH
     await harness.start_nodes(3)
     agent = await harness.start_agent(cpu=20, memory="64G")
     hosts = 10
-    async with Client.http(harness.urls(), timeout=120) as c:
+    async with harness.client(harness.urls(), timeout=120) as c:
         for i in range(hosts):
             await c.add_host(f"small{i}", f"{agent}/hosts/s{i}")
-        clients = [Client.http([u], timeout=120) for u in harness.urls()]
+        clients = [harness.client([u], timeout=120) for u in harness.urls()]
         sem = asyncio.Semaphore(64)
 
         async def create(i: int) -> dict[str, Any] | ZStackError:

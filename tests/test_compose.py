@@ -32,6 +32,7 @@ import httpx
 import pytest
 
 from tests.compose import standins
+from tests.embedded import session_headers
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ZStackError
@@ -333,12 +334,12 @@ def test_every_service_healthy_and_published_on_loopback_only(stack: Stack) -> N
 async def test_cluster_through_every_node(stack: Stack) -> None:
     nodes = {n: await _node_uuid(stack.url(n)) for n in NODES}
     assert len(set(nodes.values())) == 3
-    async with Client.http(stack.urls) as client:
+    async with Client.http(stack.urls, password=ADMIN_PASSWORD) as client:
         host = await client.add_host("compose-h1", f"{AGENT}/hosts/compose-h1")
     assert host["status"] == "Connected"
     ring = HashRing(nodes.values())
     for node in NODES:
-        async with Client.http(stack.url(node)) as client:
+        async with Client.http(stack.url(node), password=ADMIN_PASSWORD) as client:
             vm = await client.create_vm(f"compose-{node}", cpu_num=1, memory_size="64M")
             assert (vm["state"], vm["hostUuid"]) == ("Running", host["uuid"])
             assert (await client.stop_vm(vm["uuid"]))["state"] == "Stopped"
@@ -349,11 +350,12 @@ async def test_cluster_through_every_node(stack: Stack) -> None:
             listed = await client.management_nodes()
         assert {n["uuid"] for n in listed["inventories"]} == set(nodes.values()), node
         assert abs(sum(n["ringShare"] for n in listed["inventories"]) - 1.0) < 0.01
+        auth = {"Authorization": f"OAuth {await client.login()}"}
         for other in NODES:  # every node reads what this one wrote
-            async with httpx.AsyncClient(timeout=10) as http:
+            async with httpx.AsyncClient(timeout=10, headers=auth) as http:
                 got = await http.get(f"{stack.url(other)}/v1/vm-instances/{vm['uuid']}")
             assert got.json()["inventory"]["state"] == "Running", other
-        async with Client.http(stack.url(node)) as client:
+        async with Client.http(stack.url(node), password=ADMIN_PASSWORD) as client:
             assert (await client.destroy_vm(vm["uuid"]))["state"] == "Destroyed"
 
     # ZStack's API: the admin account the compose file sets up logs in through any node
@@ -401,7 +403,7 @@ async def _wait_for(check: Callable[[], bool], within: float, what: str) -> None
 async def test_docker_kill_a_node_under_load(stack: Stack) -> None:
     victim = "node2"
     nodes = {n: await _node_uuid(stack.url(n)) for n in NODES}
-    async with Client.http(stack.urls) as setup:
+    async with Client.http(stack.urls, password=ADMIN_PASSWORD) as setup:
         host = await setup.add_host("kill-h1", f"{AGENT}/hosts/kill-h1")
         created = await asyncio.gather(
             *(setup.create_vm(f"kill-{i}", cpu_num=1, memory_size="16M", host_uuid=host["uuid"]) for i in range(24))
@@ -412,7 +414,7 @@ async def test_docker_kill_a_node_under_load(stack: Stack) -> None:
 
     vms = [Churn(vm["uuid"], vm["name"]) for vm in created]
     stop = asyncio.Event()
-    async with Client.http(stack.urls) as client:
+    async with Client.http(stack.urls, password=ADMIN_PASSWORD) as client:
         workers = [asyncio.create_task(_churn(client, vm, stop)) for vm in vms]
         try:
             await _wait_for(lambda: all(len(vm.acked) >= 2 for vm in vms), 30, "the load to run on every VM")
@@ -440,7 +442,8 @@ async def test_docker_kill_a_node_under_load(stack: Stack) -> None:
 
     # Nothing lost: the database and the agent both hold each VM in the state its last
     # acknowledged operation left it in.
-    async with httpx.AsyncClient(timeout=10) as http:
+    auth = await session_headers(stack.url("node1"), ADMIN_PASSWORD)
+    async with httpx.AsyncClient(timeout=10, headers=auth) as http:
         on_agent = (await http.get(f"{stack.url('agent')}/hosts/kill-h1/vms")).json()["vms"]
         agent_states = {v["uuid"]: v["state"] for v in on_agent}
         for vm in vms:

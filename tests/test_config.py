@@ -59,3 +59,12 @@ def test_cli_start_with_a_bad_setting_exits_2_with_one_line():
     assert len(lines) == 1
     assert "http_port" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_removed_api_token_is_refused_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZSTACK_MN_API_TOKEN", "s3cret")
+    with pytest.raises(ConfigError, match=r"api_token.*session"):
+        load_settings()
+    monkeypatch.delenv("ZSTACK_MN_API_TOKEN")
+    with pytest.raises(ConfigError, match="api_token"):
+        load_settings(None, {"api_token": "s3cret"})

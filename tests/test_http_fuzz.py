@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from tests.embedded import embedded_node
+from tests.embedded import embedded_node, session_headers
 from zstack_mn.bus.cloudbus import CloudBus, _Pending
 from zstack_mn.db.models import Host, MessageResult, VmInstance
 from zstack_mn.messages import ErrorCode, Message
@@ -91,7 +91,9 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 
 @pytest.fixture
 async def http(node: Node) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=node.http_url, timeout=10) as client:
+    async with httpx.AsyncClient(
+        base_url=node.http_url, timeout=10, headers=await session_headers(node.http_url)
+    ) as client:
         yield client
 
 

@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.embedded import embedded_node
+from tests.embedded import embedded_node, session_headers
 from zstack_mn.node import Node
 from zstack_mn.web.api import MAX_BODY_BYTES
 
@@ -34,7 +34,7 @@ def host_body(name: str) -> bytes:
 
 
 async def test_a_chunked_body_over_the_limit_is_refused_and_changes_nothing(node: Node):
-    async with httpx.AsyncClient(base_url=node.http_url) as http:
+    async with httpx.AsyncClient(base_url=node.http_url, headers=await session_headers(node.http_url)) as http:
         before = (await http.get("/v1/hosts", params={"count": "true"})).json()["total"]
         resp = await http.post("/v1/hosts", content=chunked(host_body("x" * (MAX_BODY_BYTES + 1))), headers=JSON)
         assert resp.status_code == 413, resp.text
@@ -44,7 +44,7 @@ async def test_a_chunked_body_over_the_limit_is_refused_and_changes_nothing(node
 
 
 async def test_a_chunked_body_under_the_limit_reaches_the_api(node: Node):
-    async with httpx.AsyncClient(base_url=node.http_url) as http:
+    async with httpx.AsyncClient(base_url=node.http_url, headers=await session_headers(node.http_url)) as http:
         resp = await http.post("/v1/hosts", content=chunked(host_body("small")), headers=JSON)
         assert resp.request.headers.get("transfer-encoding") == "chunked"
         assert resp.status_code == 400, resp.text
@@ -52,7 +52,7 @@ async def test_a_chunked_body_under_the_limit_reaches_the_api(node: Node):
 
 
 async def test_a_declared_length_over_the_limit_is_refused_unread(node: Node):
-    async with httpx.AsyncClient(base_url=node.http_url) as http:
+    async with httpx.AsyncClient(base_url=node.http_url, headers=await session_headers(node.http_url)) as http:
         resp = await http.post("/v1/hosts", content=host_body("y" * (MAX_BODY_BYTES + 1)), headers=JSON)
         assert resp.request.headers["content-length"].isdigit()
         assert resp.status_code == 413, resp.text

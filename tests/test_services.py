@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import delete, func, select
 
-from tests.embedded import embedded_node
+from tests.embedded import embedded_node, session_headers
 from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
 from zstack_mn.db.models import Base, Host, VmInstance
@@ -219,7 +219,7 @@ async def test_stop_of_a_vm_on_a_missing_host_is_clean(node: Node, client: Clien
 
 async def test_http_errors_name_the_field_and_write_nothing(node: Node):
     hosts_before = await count(node, Host)
-    async with httpx.AsyncClient(base_url=node.http_url) as http:
+    async with httpx.AsyncClient(base_url=node.http_url, headers=await session_headers(node.http_url)) as http:
         cases = [
             ("POST", "/v1/vm-instances", {"params": {"name": "a", "cpuNum": 1, "memorySize": -1}}, 400, "memorySize"),
             ("POST", "/v1/vm-instances", {"params": {"name": "a", "cpuNum": "two", "memorySize": 1}}, 400, "cpuNum"),
@@ -247,13 +247,21 @@ async def test_http_errors_name_the_field_and_write_nothing(node: Node):
     assert await count(node, Host) == hosts_before
 
 
-async def test_bearer_token_guards_the_api_but_not_health(tmp_path: Path):
-    async with embedded_node(tmp_path, api_token="s3cret") as n, httpx.AsyncClient(base_url=n.http_url) as http:
+async def test_a_session_guards_the_api_but_not_health(node: Node):
+    """Every /v1 call needs a live session; a logout ends it at once on the node that served it,
+    and the metrics and health endpoints stay open."""
+    async with httpx.AsyncClient(base_url=node.http_url) as http:
         denied = await http.get("/v1/vm-instances")
         assert denied.status_code == 401
-        assert denied.json()["error"]["code"] == "SYS.1005"
-        allowed = await http.get("/v1/vm-instances", headers={"Authorization": "Bearer s3cret"})
-        assert allowed.status_code == 200
+        assert denied.json()["error"]["code"] == ErrorCode.INVALID_SESSION.value
+        auth = await session_headers(node.http_url)
+        assert (await http.get("/v1/vm-instances", headers=auth)).status_code == 200
+        session = auth["Authorization"].removeprefix("OAuth ")
+        out = await http.delete(f"/zstack/v1/accounts/sessions/{session}", headers=auth)
+        assert out.status_code == 200, out.text
+        after = await http.get("/v1/vm-instances", headers=auth)
+        assert after.status_code == 401
+        assert after.json()["error"]["code"] == ErrorCode.INVALID_SESSION.value
         assert (await http.get("/healthz")).status_code == 200
         metrics = (await http.get("/metrics")).text
         assert "zstack_messages_handled_total" in metrics

@@ -20,16 +20,17 @@ from tests.zstack_scenarios import HEX32, MB, NOTHING, rest_lifecycle, rpc_lifec
 from tests.zstack_sdk import RestClient, RpcClient
 from zstack_mn.bus.cloudbus import Request
 from zstack_mn.cli_api import parse_call, run_call
-from zstack_mn.client import SESSION_HEADER, Client
+from zstack_mn.client import Client
 from zstack_mn.config import ConfigError, load_settings
 from zstack_mn.db.accounts import SESSION, AccountRepository, sha512_hex
 from zstack_mn.db.jobs import JOB, JobRepository
 from zstack_mn.messages import Envelope, ErrorCode, ZStackError
-from zstack_mn.messages.api import APIQueryVmInstanceMsg, APIStopVmInstanceMsg
+from zstack_mn.messages.api import APIAddHostMsg, APIQueryVmInstanceMsg, APIStopVmInstanceMsg
+from zstack_mn.messages.ids import SESSION_HEADER
 from zstack_mn.node import Node
 from zstack_mn.testing.cluster import free_port
 from zstack_mn.web.zstack import builtins
-from zstack_mn.web.zstack.catalog import APIS
+from zstack_mn.web.zstack.catalog import APIS, BY_NAME, Context
 from zstack_mn.web.zstack.conditions import Op, QuerySpec, parse_rest_condition
 from zstack_mn.web.zstack.jobs import MAX_ATTEMPTS, request_id_of
 from zstack_mn.web.zstack.service import ZStackApi
@@ -52,7 +53,8 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
 def zapi_of(node: Node) -> ZStackApi:
     """The adapters' state over the node's own portal (what ``mount`` builds for its app)."""
     assert node.portal is not None
-    return ZStackApi(node.portal)
+    assert node.guard is not None
+    return ZStackApi(node.portal, node.guard)
 
 
 async def test_rest_lifecycle_on_the_embedded_node(node: Node) -> None:
@@ -300,14 +302,14 @@ async def test_the_python_client_and_the_cli_speak_zstack(node: Node) -> None:
         transport = c.transport
         assert isinstance(transport, ZStackTransport)
         old = transport.session
-        await AccountRepository(zapi_of(node).portal.ctx.db).close_session(old or "")
+        await zapi_of(node).guard.logout(old)
         assert (await c.destroy_vm(vm["uuid"]))["state"] == "Destroyed"
         assert transport.session != old
     query = parse_call("QueryVmInstance", ["name=cl-key"])
-    ok, payload = await run_call(query, [node.http_url], None, 10)
+    ok, payload = await run_call(query, [node.http_url], 10)
     assert ok
     assert payload["inventories"][0]["uuid"] == once["uuid"]
-    ok, payload = await run_call(query, [node.http_url], None, 10, password="wrong")
+    ok, payload = await run_call(query, [node.http_url], 10, password="wrong")
     assert not ok
     assert payload["error"]["code"] == ErrorCode.AUTHENTICATION_ERROR.value
 
@@ -439,7 +441,8 @@ async def test_a_job_uuid_given_to_another_request_is_refused(node: Node) -> Non
         assert (await c.call("StopVmInstance", job_uuid=job, uuid=vm)).unwrap()["inventory"]["state"] == "Stopped"
         other = await c.call("StartVmInstance", job_uuid=job, uuid=vm)
         assert other.error is not None
-        assert other.error["status"] == 400
+        assert other.error["status"] == 409
+        assert ErrorCode.DUPLICATE_RESOURCE.value in other.error["details"]
         assert "duplicate job uuid" in other.error["details"]
         now = (await c.query("QueryVmInstance", [f"uuid={vm}"])).unwrap()["inventories"][0]
         assert now["state"] == "Stopped", "the refused start ran"
@@ -501,3 +504,20 @@ async def test_the_openapi_document_states_the_zstack_api(node: Node) -> None:
     for rpc in ("/zstack/api", "/zstack/api/"):
         assert {"200", "400"} <= set(paths[rpc]["post"]["responses"])
     assert "200" in paths["/zstack/api/result/{uuid}"]["get"]["responses"]
+
+
+def test_add_kvm_host_takes_one_address_that_makes_a_valid_agent_url() -> None:
+    add = BY_NAME["AddKVMHost"]
+    ctx = Context(kvm_agent_url="http://{managementIp}:7070/hosts/{managementIp}")
+    built = add.build({"name": "h", "managementIp": "10.0.0.7"}, ctx)
+    assert isinstance(built, APIAddHostMsg)
+    assert built.agent_url == "http://10.0.0.7:7070/hosts/10.0.0.7"
+    for params, field in (
+        ({"name": "h", "managementIp": "0"}, "managementIp"),
+        ({"name": "h", "managementIp": "a b"}, "managementIp"),
+        ({"name": "h", "managementIp": "10.0.0.7", "agentUrl": "http://10.0.0.7:7070/"}, "agentUrl"),
+    ):
+        with pytest.raises(ZStackError) as err:
+            add.build(params, ctx)
+        assert err.value.code is ErrorCode.INVALID_ARGUMENT
+        assert err.value.details["field"] == field, params

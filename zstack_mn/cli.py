@@ -163,7 +163,6 @@ def api(
     url: str = typer.Option(
         None, "--url", envvar="ZSTACK_MN_API_URL", help="Node URL(s), comma-separated; default http://127.0.0.1:8080."
     ),
-    token: str | None = typer.Option(None, envvar="ZSTACK_MN_API_TOKEN"),
     list_apis: bool = typer.Option(False, "--list", help="List the APIs and their fields."),
     timeout: float = typer.Option(30.0, min=0.1),
     plain: bool = typer.Option(False, "--plain", help="Use the plain /v1 API instead of ZStack's /zstack/v1."),
@@ -187,7 +186,7 @@ def api(
     except ValueError as exc:
         _fail(str(exc), 2)
     urls = (url or "http://127.0.0.1:8080").split(",")
-    ok, payload = asyncio.run(run_call(msg, urls, token, timeout, plain=plain, account=account, password=password))
+    ok, payload = asyncio.run(run_call(msg, urls, timeout, plain=plain, account=account, password=password))
     typer.echo(json.dumps(payload, indent=2, default=str))
     if not ok:
         raise typer.Exit(1)

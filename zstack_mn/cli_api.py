@@ -66,7 +66,6 @@ def describe_apis() -> str:
 async def run_call(
     msg: Message,
     urls: list[str],
-    token: str | None,
     timeout: float,
     *,
     plain: bool = False,
@@ -76,7 +75,7 @@ async def run_call(
     """Call over ZStack's REST API (log in, poll the job), or the plain ``/v1`` API with ``plain``."""
     transport: ApiTransport
     if plain:
-        transport = HttpTransport(urls, token, timeout)
+        transport = HttpTransport(urls, account=account, password=password, timeout=timeout)
     else:
         transport = ZStackTransport(urls, account=account, password=password)
     try:

@@ -1,8 +1,10 @@
 """The Python client: the same methods over HTTP (one or several node URLs, failing over) or over
 AMQP (publishes to ``api.portal``, waits on its own reply queue). Errors raise ZStackError with
-the code.
+the code. Every way in needs a ZStack API session: the HTTP transports log in with an account
+and password (ZStack's defaults, ``admin``/``password``, unless given); an AMQP client is given a
+session (``await Client.http(urls, password=...).login()``).
 
-    async with Client.http(["http://10.0.0.1:8080", "http://10.0.0.2:8080"]) as c:
+    async with Client.http(["http://10.0.0.1:8080", "http://10.0.0.2:8080"], password="...") as c:
         vm = await c.create_vm("web1", cpu_num=1, memory_size="1G")
         await c.stop_vm(vm["uuid"])
 """
@@ -10,6 +12,7 @@ the code.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid as uuidlib
 from abc import ABC, abstractmethod
 from typing import Any
@@ -44,13 +47,10 @@ from zstack_mn.messages.api import (
     APIStartVmInstanceMsg,
     APIStopVmInstanceMsg,
 )
-from zstack_mn.messages.ids import IDEMPOTENCY_HEADER
+from zstack_mn.messages.ids import IDEMPOTENCY_HEADER, SESSION_HEADER
 from zstack_mn.messages.rest import ACTION_PATHS
 
 RETRYABLE_HTTP = {500, 502, 503, 504}
-SESSION_HEADER = "session"
-"""The envelope header that carries a ZStack API session to ``api.portal`` (see
-``zstack_mn.web.zstack.sessions``)."""
 SUSPECT_FOR = 15.0
 
 
@@ -60,6 +60,10 @@ class ApiTransport(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def login(self, timeout: float = 30.0) -> str:
+        """Log in now and return the session uuid (transports that log in override this)."""
+        raise ZStackError(ErrorCode.NO_HANDLER, f"{type(self).__name__} does not log in")
 
 
 def _http_route(msg: Message) -> tuple[str, str, dict[str, Any] | None, dict[str, Any] | None]:
@@ -96,12 +100,17 @@ class HttpTransport(ApiTransport):
     """REST over several node URLs: a connection failure, a retryable 5xx or an attempt that takes
     longer than ``attempt_timeout`` (a frozen node) moves to the next URL, within ``timeout``.
 
-    Retries reuse one Idempotency-Key, so a retry on another node is applied once."""
+    Retries reuse one Idempotency-Key, so a retry on another node is applied once. The first call
+    logs in (ZStack's ``LogInByAccount``; the password travels as its SHA-512 digest) and every
+    call carries the session as ``Authorization: OAuth <session>``; a session that expired is
+    renewed by one new login."""
 
     def __init__(
         self,
         urls: list[str],
-        token: str | None = None,
+        *,
+        account: str = ZSTACK_ADMIN_ACCOUNT,
+        password: str = ZSTACK_DEFAULT_PASSWORD,
         timeout: float = 30.0,
         attempt_timeout: float = 10.0,
         max_connections: int = 100,
@@ -109,8 +118,12 @@ class HttpTransport(ApiTransport):
         if not urls:
             raise ValueError("at least one node URL is needed")
         self.attempt_timeout = attempt_timeout
+        self.timeout = timeout
         self.urls = [u.rstrip("/") for u in urls]
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.account = account
+        self._digest = hashlib.sha512(password.encode()).hexdigest()
+        self.session: str | None = None
+        self._logging_in = asyncio.Lock()
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._next = 0
@@ -119,7 +132,7 @@ class HttpTransport(ApiTransport):
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
         method, path, body, query = _http_route(msg)
-        headers = dict(self._headers)
+        headers: dict[str, str] = {}
         data = None
         if body is not None:
             data = orjson.dumps(body)
@@ -127,6 +140,54 @@ class HttpTransport(ApiTransport):
         if method != "GET":
             headers["Idempotency-Key"] = key or str(uuidlib.uuid4())
         deadline = asyncio.get_running_loop().time() + timeout
+        renewed = False
+        while True:
+            session = await self._session_for(deadline)
+            try:
+                return await self._exchange(
+                    method, path, data, query, {**headers, "Authorization": f"OAuth {session}"}, deadline
+                )
+            except ZStackError as err:
+                if err.code is not ErrorCode.INVALID_SESSION or renewed:
+                    raise
+                renewed = True
+                if self.session == session:
+                    self.session = None
+
+    async def login(self, timeout: float = 30.0) -> str:
+        return await self._session_for(asyncio.get_running_loop().time() + timeout)
+
+    async def _session_for(self, deadline: float) -> str:
+        """The current session, logging in first when there is none (one login at a time)."""
+        async with self._logging_in:
+            if self.session is None:
+                from zstack_mn.web.zstack.catalog import BY_NAME  # late imports: these build on this module
+                from zstack_mn.web.zstack.rest import PREFIX
+
+                api = BY_NAME["LogInByAccount"]
+                assert api.body_key is not None
+                login = {api.body_key: {"accountName": self.account, "password": self._digest}}
+                reply = await self._exchange(
+                    api.method,
+                    PREFIX + api.path,
+                    orjson.dumps(login),
+                    None,
+                    {"Content-Type": "application/json"},
+                    deadline,
+                )
+                self.session = str(reply["inventory"]["uuid"])
+            return self.session
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        query: dict[str, Any] | None,
+        headers: dict[str, str],
+        deadline: float,
+    ) -> dict[str, Any]:
+        """One call, failing over between the URLs until ``deadline``; the reply body."""
         last: ZStackError | None = None
         delay = 0.05
         attempts = 0
@@ -274,8 +335,19 @@ class Client:
         self.timeout = timeout
 
     @classmethod
-    def http(cls, urls: list[str] | str, token: str | None = None, timeout: float = 30.0) -> Client:
-        return cls(HttpTransport([urls] if isinstance(urls, str) else urls, token, timeout), timeout)
+    def http(
+        cls,
+        urls: list[str] | str,
+        *,
+        account: str = ZSTACK_ADMIN_ACCOUNT,
+        password: str = ZSTACK_DEFAULT_PASSWORD,
+        timeout: float = 30.0,
+    ) -> Client:
+        """Over the plain ``/v1`` API, logged in as ``account``."""
+        transport = HttpTransport(
+            [urls] if isinstance(urls, str) else urls, account=account, password=password, timeout=timeout
+        )
+        return cls(transport, timeout)
 
     @classmethod
     def zstack(
@@ -294,9 +366,9 @@ class Client:
         return cls(transport, timeout)
 
     @classmethod
-    async def amqp(
-        cls, url: str, queue_prefix: str = "zstack", timeout: float = 30.0, session: str | None = None
-    ) -> Client:
+    async def amqp(cls, url: str, queue_prefix: str = "zstack", timeout: float = 30.0, *, session: str) -> Client:
+        """Over the broker (``api.portal``) with ``session``, e.g. from ``await client.login()``
+        on an HTTP client: the broker has no login of its own."""
         t = AmqpApiTransport(url, queue_prefix, session)
         await t.start()
         return cls(t, timeout)
@@ -309,6 +381,10 @@ class Client:
 
     async def close(self) -> None:
         await self.transport.close()
+
+    async def login(self, timeout: float = 30.0) -> str:
+        """Log in now (if not yet) and return the session uuid."""
+        return await self.transport.login(timeout)
 
     @property
     def last_handled_by(self) -> str | None:

@@ -7,6 +7,7 @@ Defaults give the embedded single-node mode (in-process bus, SQLite, simulated a
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,6 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     http_enabled: bool = True
-    api_token: str | None = None
 
     heartbeat_interval: float = Field(2.0, gt=0, le=60)
     node_timeout: float = Field(10.0, gt=0, le=600)
@@ -142,6 +142,13 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
+REMOVED_SETTINGS = {
+    "api_token": "every API takes a ZStack session now (Authorization: OAuth <session>); log in as admin",
+}
+"""Settings that no longer exist and would otherwise be ignored silently when set in the
+environment: refused, naming what replaced them."""
+
+
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build settings from the environment, then ``config_file``, then ``overrides``.
 
@@ -156,6 +163,9 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file}: {exc}") from exc
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for name, why in REMOVED_SETTINGS.items():
+        if name in values or f"{ENV_PREFIX}{name.upper()}" in os.environ:
+            raise ConfigError(f"invalid setting: {name} ({ENV_PREFIX}{name.upper()}) is gone: {why}")
     try:
         return Settings(**values)
     except ValidationError as exc:

@@ -52,6 +52,7 @@ from zstack_mn.services.host import HostService
 from zstack_mn.services.vm_instance import VmInstanceService
 from zstack_mn.web.api import create_app
 from zstack_mn.web.server import EmbeddedServer
+from zstack_mn.web.zstack.sessions import SessionGuard, guarded
 
 log = structlog.get_logger(__name__)
 
@@ -100,6 +101,7 @@ class Node:
         self.agents: AgentClient | None = None
         self.services: list[Service] = []
         self.portal: ApiPortal | None = None
+        self.guard: SessionGuard | None = None
         self.http: EmbeddedServer | None = None
         self.agent_server: EmbeddedServer | None = None
         self.simulated_agent: SimulatedAgent | None = None
@@ -266,7 +268,9 @@ class Node:
         for service in self.services:
             await self.bus.serve(service.name, service.dispatch)
         self.portal = ApiPortal(ctx)
-        await self.bus.serve_api(self.portal.dispatch)
+        self.guard = SessionGuard(self.db, s)
+        await self.guard.ensure_admin()
+        await self.bus.serve_api(guarded(self.portal.dispatch, self.guard))
         self.ring.add_listener(self._on_ring_changed)
         await self.membership.announce_running()
         self.membership.start()
@@ -279,7 +283,7 @@ class Node:
                     node_uuid=self.uuid,
                     readiness=self.readiness,
                     metrics_registry=self.metrics.registry,
-                    api_token=s.api_token,
+                    guard=self.guard,
                     call_timeout=s.call_timeout,
                 ),
                 s.http_host,

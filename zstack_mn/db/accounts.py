@@ -92,12 +92,14 @@ class Account:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A live session: its uuid, its account, when it was opened and when it ends."""
+    """A live session: its uuid, its account, when it was opened and when it ends, and (when read
+    back) how many seconds it had left by the database clock."""
 
     uuid: str
     account_uuid: str
     created_at: datetime
     expires_at: datetime
+    seconds_left: float | None = None
 
 
 def _aware(value: datetime) -> datetime:
@@ -148,13 +150,17 @@ class AccountRepository:
 
     async def valid_session(self, session_uuid: str) -> Session | None:
         """The session if it exists and has not expired (database clock), else None."""
-        live = self.db.age_seconds(SESSION.c.created_at) < SESSION.c.timeout_s
+        age = self.db.age_seconds(SESSION.c.created_at)
         async with self.db.begin() as conn:
             row = (
                 await conn.execute(
-                    select(SESSION.c.uuid, SESSION.c.account_uuid, SESSION.c.timeout_s, SESSION.c.created_at).where(
-                        SESSION.c.uuid == session_uuid, live
-                    )
+                    select(
+                        SESSION.c.uuid,
+                        SESSION.c.account_uuid,
+                        SESSION.c.timeout_s,
+                        SESSION.c.created_at,
+                        (SESSION.c.timeout_s - age).label("seconds_left"),
+                    ).where(SESSION.c.uuid == session_uuid, age < SESSION.c.timeout_s)
                 )
             ).first()
         if row is None:
@@ -165,6 +171,7 @@ class AccountRepository:
             account_uuid=row.account_uuid,
             created_at=created,
             expires_at=created + timedelta(seconds=row.timeout_s),
+            seconds_left=float(row.seconds_left),
         )
 
     async def close_session(self, session_uuid: str) -> None:

@@ -12,6 +12,9 @@ import uuid
 
 IDEMPOTENCY_HEADER = "idempotencyKey"
 """The request header (HTTP) and envelope header (bus) that carries a client's idempotency key."""
+SESSION_HEADER = "session"
+"""The envelope header that carries a ZStack API session to ``api.portal`` (checked by
+``zstack_mn.web.zstack.sessions.guarded``)."""
 
 _IDEMPOTENCY_NAMESPACE = uuid.UUID("0b6f3c52-9a51-4d7e-a3f1-52c8b8e0d7a1")
 _RESOURCE_NAMESPACE = uuid.UUID("6a5f0b8e-3f0e-4c1e-9c55-7a2d0c9e1f42")

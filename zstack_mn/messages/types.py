@@ -85,10 +85,12 @@ parser, which refuses ``http://0``); a port within 1–65535 if any; then a path
 characters. No user info, no IPv6 literal, nothing outside printable ASCII."""
 
 
+HOST_PATTERN = rf"^{_HOST}$"
+"""A host as an agent URL may name it: a dotted-quad IPv4 address or a DNS name."""
 _AGENT_URL = re.compile(AGENT_URL_PATTERN)
 
 
-def _check_agent_url(value: str) -> str:
+def check_agent_url(value: str) -> str:
     """The pattern, then the URL parser's reading of it (a second opinion, not a second rule)."""
     if _AGENT_URL.match(value) is None:
         raise ValueError("must be http(s)://host[:port][/path], in printable ASCII without spaces or user info")
@@ -127,7 +129,7 @@ Uuid = Annotated[
 AgentUrl = Annotated[
     str,
     Field(min_length=8, max_length=URL_LEN, json_schema_extra={"pattern": AGENT_URL_PATTERN}),
-    AfterValidator(_check_agent_url),
+    AfterValidator(check_agent_url),
 ]
 Offset = Annotated[int, Field(ge=0, le=INT32_MAX)]
 """A row offset for paging: past the row count a page is merely empty, past the range of the

@@ -161,6 +161,10 @@ async def agent_stats(agent_url: str) -> dict[str, Any]:
         return dict(resp.json())
 
 
+ADMIN_PASSWORD = "harness-admin"
+"""The ``admin`` password of a harness's nodes (a cluster refuses ZStack's default)."""
+
+
 class ClusterHarness:
     """N management nodes + one simulated agent, isolated by vhost, database and queue prefix."""
 
@@ -199,6 +203,7 @@ class ClusterHarness:
             ZSTACK_MN_HOST_PING_INTERVAL="1",
             ZSTACK_MN_LOG_FORMAT="json",
             ZSTACK_MN_EMBEDDED_AGENT="false",
+            ZSTACK_MN_ADMIN_PASSWORD=ADMIN_PASSWORD,
         )
         env.update(self.extra_env)
         env.update(extra or {})
@@ -206,6 +211,18 @@ class ClusterHarness:
 
     def _spawn(self, name: str, args: list[str], port: int, extra: dict[str, str] | None = None) -> Proc:
         return spawn(name, args, self._env(port, extra), self.workdir / f"{name}.log", port)
+
+    def client(self, urls: list[str] | str | None = None, *, timeout: float = 30.0) -> Client:
+        """An HTTP client of ``urls`` (every node's by default), logged in as the harness's admin."""
+        return Client.http(self.urls() if urls is None else urls, password=ADMIN_PASSWORD, timeout=timeout)
+
+    async def amqp_client(self, *, timeout: float = 30.0, session: str | None = None) -> Client:
+        """A client on ``api.portal`` with ``session`` (by default a new login of the harness's
+        admin through a node's HTTP API)."""
+        if session is None:
+            async with self.client() as http:
+                session = await http.login()
+        return await Client.amqp(self.amqp_url, self.queue_prefix, timeout, session=session)
 
     async def start_agent(self, cpu: int = 64, memory: str = "256G") -> str:
         port = free_port()

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from zstack_mn.client import Client, HttpTransport
 from zstack_mn.messages import ZStackError
 from zstack_mn.services.vm_states import TRANSIENT
+from zstack_mn.testing.cluster import ADMIN_PASSWORD
 
 OK, ERROR, TIMEOUT, HUNG = "ok", "error", "timeout", "hung"
 HUNG_GRACE_S = 1.0
@@ -104,7 +105,8 @@ def with_key(call: VmCall, vm: str) -> Callable[[str], Awaitable[dict[str, Any]]
 
 def make_client(urls: list[str], deadline: float, attempt_timeout: float) -> Client:
     """A multi-URL HTTP client with the run's deadline and per-attempt fail-over bound."""
-    return Client(HttpTransport(list(urls), None, deadline, attempt_timeout=attempt_timeout), deadline)
+    transport = HttpTransport(list(urls), password=ADMIN_PASSWORD, timeout=deadline, attempt_timeout=attempt_timeout)
+    return Client(transport, deadline)
 
 
 class Workload:

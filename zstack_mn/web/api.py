@@ -52,6 +52,7 @@ from zstack_mn.services.api_portal import ApiPortal
 from zstack_mn.web import openapi
 from zstack_mn.web.openapi import ACTION_ERRORS, OPS_ERRORS, QUERY_ERRORS, READ_ERRORS, Health, Readiness
 from zstack_mn.web.zstack import mount as mount_zstack_api
+from zstack_mn.web.zstack.sessions import SessionGuard, session_of_authorization
 
 log = structlog.get_logger(__name__)
 
@@ -131,17 +132,17 @@ def create_app(
     node_uuid: str,
     readiness: Callable[[], Awaitable[dict[str, bool]]],
     metrics_registry: Any,
-    api_token: str | None,
+    guard: SessionGuard,
     call_timeout: float,
 ) -> FastAPI:
-    """The FastAPI app of one node."""
+    """The FastAPI app of one node; ``guard`` decides who may call (the plain API and ZStack's)."""
     app = FastAPI(
         title="zstack-mn",
         version=__version__,
         description="Management-node API (ZStack style REST).",
         separate_input_output_schemas=False,
     )
-    openapi.install(app, api_prefix=API_PREFIX, token_required=api_token is not None)
+    openapi.install(app, api_prefix=API_PREFIX)
 
     @app.exception_handler(ZStackError)
     async def _zstack_error(_: Request, exc: ZStackError) -> JSONResponse:
@@ -178,8 +179,8 @@ def create_app(
         log.exception("unexpected error answering a request")
         return error_response(ZStackError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
 
-    app.add_middleware(Gate, limit=MAX_BODY_BYTES, token=api_token)
-    mount_zstack_api(app, portal)
+    app.add_middleware(Gate, limit=MAX_BODY_BYTES, guard=guard)
+    mount_zstack_api(app, portal, guard)
 
     async def answer(msg: Message, key: str | None) -> tuple[dict[str, Any], str]:
         request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
@@ -307,19 +308,19 @@ def create_app(
 class Gate:
     """Before a request reaches the app: refuse a body over ``limit`` bytes (413), by its
     ``Content-Length`` without reading it, or, for a body sent without one (chunked), by reading
-    at most ``limit`` bytes of it before the app sees it; and, when a ``token`` is set, any
-    ``/v1/`` request without ``Authorization: Bearer <token>`` (401). Plain ASGI: Starlette's
-    BaseHTTPMiddleware costs a task per request, and a FastAPI dependency on every route costs
-    more than the check."""
+    at most ``limit`` bytes of it before the app sees it; and any ``/v1/`` request without a live
+    ZStack session in ``Authorization: OAuth <session>`` (401, ``ID.1001``), the same check as
+    ZStack's own API. Plain ASGI: Starlette's BaseHTTPMiddleware costs a task per request, and a
+    FastAPI dependency on every route costs more than the check."""
 
-    def __init__(self, app: ASGIApp, limit: int, token: str | None) -> None:
+    def __init__(self, app: ASGIApp, limit: int, guard: SessionGuard) -> None:
         self.app = app
         self.limit = limit
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.guard = guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            authorization = None
+            authorization: bytes | None = None
             sized = False
             for name, value in scope.get("headers", ()):
                 if name == b"content-length":
@@ -329,10 +330,13 @@ class Gate:
                     sized = True
                 elif name == b"authorization":
                     authorization = value
-            if self.expected is not None and scope["path"].startswith(API_PREFIX) and authorization != self.expected:
-                err = ZStackError(ErrorCode.UNAUTHORIZED, "a valid bearer token is required")
-                await error_response(err)(scope, receive, send)
-                return
+            if scope["path"].startswith(API_PREFIX):
+                try:
+                    header = None if authorization is None else authorization.decode("latin-1")
+                    await self.guard.require(session_of_authorization(header))
+                except ZStackError as err:
+                    await error_response(err)(scope, receive, send)
+                    return
             if not sized and scope["method"] in BODY_METHODS:
                 body = await self._read_at_most(receive)
                 if body is None:

@@ -1,6 +1,7 @@
 """What ``/openapi.json`` says beyond what FastAPI derives from the routes: the error answers of
-each operation (from ``ErrorCode``, the one list of codes), the bearer scheme when a token is
-set, and no trace of FastAPI's own 422, which this API never sends (a bad field is a 400)."""
+each operation (from ``ErrorCode``, the one list of codes), the session scheme every API call
+needs (ZStack's ``Authorization: OAuth <session>``), and no trace of FastAPI's own 422, which this
+API never sends (a bad field is a 400)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,17 @@ from pydantic import BaseModel
 
 from zstack_mn.messages.errors import ErrorCode, ErrorReply
 
-BEARER = "bearer"
+SESSION_SCHEME = "session"
+"""The plain API's security scheme; ZStack's API names the same header ``ZSTACK_SESSION_SCHEME``
+(two names, so that a fuzzer can be given a session for one API and not the other)."""
+ZSTACK_SESSION_SCHEME = "zstackSession"
+SESSION_SECURITY_SCHEME: dict[str, Any] = {
+    "type": "apiKey",
+    "in": "header",
+    "name": "Authorization",
+    "description": "OAuth <session uuid> (the uuid LogInByAccount answers, 32 hex characters); one "
+    "session serves the plain API and ZStack's",
+}
 TEXT_PLAIN = "text/plain"
 
 QUERY_ERRORS = (400, 413, 503)
@@ -57,7 +68,7 @@ def errors(statuses: tuple[int, ...]) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-def install(app: FastAPI, *, api_prefix: str, token_required: bool) -> None:
+def install(app: FastAPI, *, api_prefix: str) -> None:
     """Make ``app.openapi()`` return the shaped document (built once, on first use)."""
     cache: dict[str, Any] = {}
 
@@ -70,19 +81,19 @@ def install(app: FastAPI, *, api_prefix: str, token_required: bool) -> None:
                 routes=app.routes,
                 separate_input_output_schemas=False,
             )
-            cache["doc"] = _shaped(doc, api_prefix, token_required)
+            cache["doc"] = _shaped(doc, api_prefix)
         shaped: dict[str, Any] = cache["doc"]
         return shaped
 
     setattr(app, "openapi", build)  # noqa: B010  # FastAPI's documented way to replace the schema generator
 
 
-def _shaped(doc: dict[str, Any], api_prefix: str, token_required: bool) -> dict[str, Any]:
+def _shaped(doc: dict[str, Any], api_prefix: str) -> dict[str, Any]:
     for path, operations in doc.get("paths", {}).items():
         for operation in operations.values():
             operation.get("responses", {}).pop("422", None)
-            if token_required and path.startswith(api_prefix):
-                operation["security"] = [{BEARER: []}]
+            if path.startswith(api_prefix):
+                operation["security"] = [{SESSION_SCHEME: []}]
                 operation["responses"]["401"] = {
                     "description": _codes_with(401),
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorReply"}}},
@@ -90,6 +101,5 @@ def _shaped(doc: dict[str, Any], api_prefix: str, token_required: bool) -> dict[
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
-    if token_required:
-        doc["components"]["securitySchemes"] = {BEARER: {"type": "http", "scheme": "bearer"}}
+    doc["components"]["securitySchemes"] = {SESSION_SCHEME: SESSION_SECURITY_SCHEME}
     return doc

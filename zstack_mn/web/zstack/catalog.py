@@ -33,6 +33,7 @@ from zstack_mn.messages.api import (
     APIStopVmInstanceMsg,
 )
 from zstack_mn.messages.envelope import validation_error
+from zstack_mn.messages.types import HOST_PATTERN, check_agent_url
 from zstack_mn.web.zstack.builtins import NO_IMAGE_UUID, NO_NETWORK_UUID
 from zstack_mn.web.zstack.wire import internal_uuid
 
@@ -110,14 +111,20 @@ def uuid_field(value: Any, name: str, _: Context) -> str:
     return internal_uuid(value, name)
 
 
-MANAGEMENT_IP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:\-]{0,252}$")
+MANAGEMENT_IP = re.compile(HOST_PATTERN)
 
 
 def agent_url_of(value: Any, name: str, ctx: Context) -> str:
     """AddKVMHost's ``managementIp`` → the host's agent URL (setting ``kvm_agent_url``)."""
-    if not isinstance(value, str) or not MANAGEMENT_IP.match(value):
-        raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{name}: must be an IP address or a host name", field=name)
-    return ctx.kvm_agent_url.format(managementIp=value)
+    if not isinstance(value, str) or len(value) > 253 or not MANAGEMENT_IP.match(value):
+        raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{name}: must be an IPv4 address or a host name", field=name)
+    url = ctx.kvm_agent_url.format(managementIp=value)
+    try:
+        return check_agent_url(url)
+    except ValueError as exc:
+        raise ZStackError(
+            ErrorCode.INVALID_ARGUMENT, f"{name}: makes the agent URL {url!r}, which {exc}", field=name
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +156,7 @@ class ZApi:
         """The project's API message for these ZStack parameters (path variables included)."""
         assert self.target is not None
         values: dict[str, Any] = dict(self.defaults)
+        given_as: dict[str, str] = {}
         for key, value in params.items():
             if value is None:
                 continue  # a field sent as null is a field not given (ZStack's bindings send them)
@@ -161,6 +169,14 @@ class ZApi:
                 if value not in rule.harmless:
                     raise ZStackError(ErrorCode.INVALID_ARGUMENT, f"{key}: {rule.reason}", field=key, api=self.name)
             elif isinstance(rule, To):
+                if rule.name in given_as:
+                    raise ZStackError(
+                        ErrorCode.INVALID_ARGUMENT,
+                        f"{key}: give {given_as[rule.name]} or {key}, not both",
+                        field=key,
+                        api=self.name,
+                    )
+                given_as[rule.name] = key
                 values[rule.name] = rule.convert(value, key, ctx) if rule.convert and value is not None else value
         try:
             return self.target.model_validate(values)

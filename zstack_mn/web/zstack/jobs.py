@@ -70,7 +70,7 @@ class JobRunner:
             existing.api != api.name or existing.message != orjson.loads(orjson.dumps(stored))
         ):
             raise ZStackError(
-                ErrorCode.INVALID_ARGUMENT,
+                ErrorCode.DUPLICATE_RESOURCE,
                 f"duplicate job uuid {job_uuid}: it was given to another request ({existing.api})",
                 job=job_uuid,
             )

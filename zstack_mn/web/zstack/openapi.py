@@ -19,7 +19,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from zstack_mn.messages.errors import ErrorReply
-from zstack_mn.web.openapi import TEXT_PLAIN, status_description
+from zstack_mn.web.openapi import SESSION_SECURITY_SCHEME, TEXT_PLAIN, status_description
+from zstack_mn.web.openapi import ZSTACK_SESSION_SCHEME as SESSION_SCHEME
 from zstack_mn.web.zstack.catalog import (
     APIS,
     COMMON_FIELDS,
@@ -38,7 +39,6 @@ from zstack_mn.web.zstack.rpc import API_PATH, RESULT_PATH
 from zstack_mn.web.zstack.sessions import LOGIN_FIELDS
 from zstack_mn.web.zstack.wire import UUID_PATTERN, ZStackErrorReply
 
-SESSION_SCHEME = "zstackSession"
 JSON = "application/json"
 TAG = "zstack"
 RPC_TAG = "zstack-rpc"
@@ -124,16 +124,26 @@ def _params_schema(api: ZApi, defs: dict[str, Any]) -> dict[str, Any]:
         return {"type": "object", "properties": LOGIN_FIELDS, "required": ["accountName", "password"]}
     props, required = _target_schema(api, defs)
     path_vars = set(api.path_vars())
+    rules = {k: r for k, r in {**COMMON_FIELDS, **api.fields}.items() if k not in path_vars}
+    keys_of: dict[str, list[str]] = defaultdict(list)
+    for key, rule in rules.items():
+        if isinstance(rule, To) and rule.name in required and rule.name not in api.defaults:
+            keys_of[rule.name].append(key)
     out: dict[str, Any] = {}
     needed: list[str] = []
-    for key, rule in {**COMMON_FIELDS, **api.fields}.items():
-        if key in path_vars:
-            continue
-        needs = isinstance(rule, To) and rule.name in required and rule.name not in api.defaults
+    for key, rule in rules.items():
+        needs = isinstance(rule, To) and keys_of.get(rule.name) == [key]
         out[key] = _rule_schema(rule, props, required=needs)
         if needs:
             needed.append(key)
-    return {"type": "object", "properties": out, "required": needed}
+    schema: dict[str, Any] = {"type": "object", "properties": out, "required": needed}
+    either = [keys for keys in keys_of.values() if len(keys) > 1]
+    if either:  # one of several names for one field (AddKVMHost: managementIp or agentUrl), not two
+        schema["allOf"] = [
+            {"oneOf": [{"required": [k], "properties": {k: {"not": {"type": "null"}}}} for k in keys]}
+            for keys in either
+        ]
+    return schema
 
 
 def _body_schema(api: ZApi, defs: dict[str, Any]) -> dict[str, Any]:
@@ -195,13 +205,13 @@ def _rest_operation(apis: list[ZApi], has_id: bool, path_var: str, defs: dict[st
         }
         op["responses"] = {
             "202": _ok(f"started: poll the job at its location ({PREFIX}{JOBS_PATH}/{{uuid}})", location),
-            **_errors(400, 401, 413, 503),
+            **_errors(400, 401, 409, 413, 503),
         }
     elif first.kind is Kind.QUERY:
         page = {
             "type": "object",
             "properties": {"inventories": {"type": "array", "items": {"type": "object"}}, "total": {"type": "integer"}},
-            "required": ["inventories"],
+            "description": "inventories is left out when only the count was asked for (count=true)",
         }
         op["responses"] = {"200": _ok("the inventories found", page), **_errors(400, 401, 413, 503)}
     elif first.name == "LogInByAccount":
@@ -314,12 +324,7 @@ def add_to(doc: dict[str, Any]) -> dict[str, Any]:
     schemas.setdefault("ErrorReply", _schema_of(ErrorReply, defs))
     for name, schema in defs.items():
         schemas.setdefault(name, schema)
-    components.setdefault("securitySchemes", {})[SESSION_SCHEME] = {
-        "type": "apiKey",
-        "in": "header",
-        "name": "Authorization",
-        "description": "OAuth <session uuid> (the uuid LogInByAccount answers, 32 hex characters)",
-    }
+    components.setdefault("securitySchemes", {})[SESSION_SCHEME] = SESSION_SECURITY_SCHEME
     tags = doc.setdefault("tags", [])
     tags.append({"name": TAG, "description": f"ZStack's REST API ({PREFIX})"})
     tags.append({"name": RPC_TAG, "description": f"ZStack's RPC endpoint ({API_PATH})"})

@@ -31,6 +31,7 @@ from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.web.zstack.catalog import APIS, Kind, ZApi
 from zstack_mn.web.zstack.conditions import QuerySpec
 from zstack_mn.web.zstack.service import ZStackApi, job_uuid_of
+from zstack_mn.web.zstack.sessions import session_of_authorization
 from zstack_mn.web.zstack.wire import error_body, internal_error
 
 log = structlog.get_logger(__name__)
@@ -52,13 +53,7 @@ def error_response(err: ZStackError, status: int | None = None) -> Response:
 
 def session_of(request: Request) -> str:
     """The session uuid of ``Authorization: OAuth <uuid>``."""
-    auth = request.headers.get("authorization")
-    if auth is None:
-        raise ZStackError(ErrorCode.INVALID_SESSION, "missing header 'Authorization' (OAuth <session uuid>)")
-    kind, _, value = auth.strip().partition(" ")
-    if kind != "OAuth":
-        raise ZStackError(ErrorCode.INVALID_SESSION, "Authorization type must be 'OAuth'")
-    return value.strip()
+    return session_of_authorization(request.headers.get("authorization"))
 
 
 async def _body(request: Request) -> dict[str, Any]:

@@ -27,10 +27,10 @@ def job_uuid_of(value: object) -> str | None:
 
 
 class ZStackApi:
-    def __init__(self, portal: ApiPortal) -> None:
+    def __init__(self, portal: ApiPortal, guard: SessionGuard) -> None:
         settings = portal.ctx.settings
         self.portal = portal
-        self.guard = SessionGuard(portal.ctx.db, settings)
+        self.guard = guard
         self.jobs = JobRunner(portal)
         self.context = Context(kvm_agent_url=settings.kvm_agent_url)
         self.call_timeout = settings.call_timeout

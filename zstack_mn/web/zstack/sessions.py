@@ -1,9 +1,16 @@
-"""Who may call: ZStack's accounts and sessions, as far as zstack-mn's APIs need them.
+"""Who may call: ZStack's accounts and sessions, the one model for every way in.
 
-One account model for every way in: the REST and RPC adapters call ``require`` before they build
-a message, and the portal's bus entry is meant to call ``check_headers`` on every message that
-arrives on ``api.portal`` (the hook is described in the README), so a message without a valid
-session is refused the same way whichever way it came.
+A node has one ``SessionGuard``. ZStack's REST and RPC adapters call ``require`` before they
+build a message; the plain ``/v1`` API's gate calls it on every request (``Authorization: OAuth
+<session>``, ZStack's own header); and the node serves ``api.portal`` through ``guarded``, so a
+message published straight onto the queue without a live session in its ``session`` header is
+refused with the same error. The cluster's own nodes never publish onto ``api.portal``: they talk
+on their service queues, which only holders of the broker's credentials can reach (the README
+says what those credentials grant).
+
+A session found live is trusted for at most ``RECHECK_S`` seconds (never past its expiry) before
+it is read again, so a busy client costs no database read per call; a logout takes effect at once
+on the node that served it and within ``RECHECK_S`` on the others.
 
 The ``admin`` account is created on first use of the accounts (a login, or a node's start-up
 through ``ensure_admin``) with ``Settings.initial_admin_password``; an existing account keeps
@@ -21,15 +28,19 @@ from typing import Any
 import structlog
 
 from zstack_mn.bus.cloudbus import Dispatcher, Request
-from zstack_mn.client import SESSION_HEADER
 from zstack_mn.config import Settings
 from zstack_mn.db.accounts import ADMIN_ACCOUNT, AccountRepository, Session, sha512_hex
 from zstack_mn.db.engine import Database
 from zstack_mn.messages import ErrorCode, ZStackError
+from zstack_mn.messages.ids import SESSION_HEADER
 
 log = structlog.get_logger(__name__)
 
 SWEEP_EVERY_S = 600.0
+RECHECK_S = 5.0
+"""How long a session found live is trusted without reading it again."""
+CACHED_SESSIONS = 10_000
+"""At most this many sessions are remembered; past it the memory starts again empty."""
 _HEX_DIGEST = re.compile(r"^[0-9a-fA-F]{128}$")
 _SESSION_UUID = re.compile(r"^[0-9a-fA-F]{32}$")
 ACCOUNT_TYPES = (None, "", "iam1", "ZStack")
@@ -46,12 +57,23 @@ def invalid_session(why: str) -> ZStackError:
     return ZStackError(ErrorCode.INVALID_SESSION, f"invalid session: {why}")
 
 
+def session_of_authorization(value: str | None) -> str:
+    """The session uuid of an ``Authorization: OAuth <uuid>`` header (ZStack's form)."""
+    if value is None:
+        raise invalid_session("missing header 'Authorization' (OAuth <session uuid>)")
+    kind, _, session = value.strip().partition(" ")
+    if kind != "OAuth":
+        raise invalid_session("Authorization type must be 'OAuth'")
+    return session.strip()
+
+
 class SessionGuard:
     def __init__(self, db: Database, settings: Settings) -> None:
         self.accounts = AccountRepository(db)
         self.settings = settings
         self._admin_checked = False
         self._next_sweep = 0.0
+        self._live: dict[str, tuple[Session, float]] = {}
 
     async def ensure_admin(self) -> None:
         """Create the ``admin`` account unless it exists (once per process)."""
@@ -87,13 +109,14 @@ class SessionGuard:
     async def logout(self, session_uuid: object) -> None:
         """``LogOut``: ending a session that is gone already is not an error (as in ZStack)."""
         if isinstance(session_uuid, str) and _SESSION_UUID.match(session_uuid):
+            self._live.pop(session_uuid.lower(), None)
             await self.accounts.close_session(session_uuid.lower())
 
     async def validate(self, session_uuid: object) -> bool:
-        """``ValidateSession``."""
+        """``ValidateSession``: always read from the database."""
         if not isinstance(session_uuid, str) or not _SESSION_UUID.match(session_uuid):
             return False
-        return await self.accounts.valid_session(session_uuid.lower()) is not None
+        return await self._read(session_uuid.lower()) is not None
 
     async def require(self, session_uuid: object) -> Session:
         """The live session, or ZStack's invalid-session error."""
@@ -101,9 +124,25 @@ class SessionGuard:
             raise invalid_session("no session given; log in with LogInByAccount first")
         if not isinstance(session_uuid, str) or not _SESSION_UUID.match(session_uuid):
             raise invalid_session("a session uuid is 32 hex characters")
-        session = await self.accounts.valid_session(session_uuid.lower())
+        key = session_uuid.lower()
+        cached = self._live.get(key)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        session = await self._read(key)
         if session is None:
             raise invalid_session(f"session {session_uuid} does not exist or has expired")
+        return session
+
+    async def _read(self, key: str) -> Session | None:
+        """The session from the database, remembered for RECHECK_S (or until it expires)."""
+        session = await self.accounts.valid_session(key)
+        if session is None:
+            self._live.pop(key, None)
+            return None
+        if len(self._live) >= CACHED_SESSIONS:
+            self._live.clear()
+        trust = RECHECK_S if session.seconds_left is None else min(RECHECK_S, session.seconds_left)
+        self._live[key] = (session, time.monotonic() + trust)
         return session
 
     async def check_headers(self, headers: Mapping[str, Any]) -> Session:
@@ -125,8 +164,7 @@ class SessionGuard:
 def guarded(dispatch: Dispatcher, guard: SessionGuard) -> Dispatcher:
     """The portal's bus entry behind the session check: a message on ``api.portal`` without a
     live session in its ``session`` header is answered with ZStack's invalid-session error
-    (``ID.1001``) and never reaches the portal. The node serves it with
-    ``bus.serve_api(guarded(portal.dispatch, SessionGuard(db, settings)))``."""
+    (``ID.1001``) and never reaches the portal."""
 
     async def checked(req: Request) -> dict[str, Any]:
         await guard.check_headers(req.envelope.headers)
