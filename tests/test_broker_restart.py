@@ -8,12 +8,14 @@ import time
 import uuid
 from typing import Any
 
+import aio_pika
 import pytest
 
 from tests.test_bus import EchoMsg, EchoService
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.cloudbus import CloudBus
 from zstack_mn.bus.topology import Topology
+from zstack_mn.bus.transport import TransportDown
 from zstack_mn.cluster.ring import LiveRing
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.testing import servers
@@ -71,3 +73,26 @@ async def _first_reply_within(caller: CloudBus, bound: float) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def test_a_publish_the_broker_refuses_is_a_retryable_error(amqp_url: str, topology: Topology):
+    """A queue at its length limit with ``reject-publish`` makes RabbitMQ nack the publish: the
+    transport raises TransportDown (the bus's retryable BUS_UNAVAILABLE), and goes on working."""
+    transport = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name="test-nack")
+    await transport.start()
+    admin = await aio_pika.connect(amqp_url)
+    try:
+        channel = await admin.channel()
+        full = await channel.declare_queue(
+            f"{topology.prefix}.full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        roomy = await channel.declare_queue(f"{topology.prefix}.roomy")
+        with pytest.raises(TransportDown, match="nack"):
+            await transport.publish(full.name, b"{}", message_id="refused")
+        await transport.publish(roomy.name, b"{}", message_id="taken")
+        taken = await roomy.get(timeout=5)
+        assert taken.message_id == "taken"
+        await taken.ack()
+    finally:
+        await admin.close()
+        await transport.close()

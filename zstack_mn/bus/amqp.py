@@ -244,6 +244,8 @@ class AmqpTransport(Transport):
                 await channel.default_exchange.publish(message, routing_key=queue, mandatory=mandatory)
         except aiormq.exceptions.PublishError as exc:
             raise NoRouteError(queue) from exc
+        except aiormq.exceptions.DeliveryError as exc:  # a Basic.Nack: the broker did not take it
+            raise TransportDown(f"the broker refused the publish to {queue} (nack)") from exc
         except _DOWN_ERRORS as exc:
             raise TransportDown(f"publish to {queue} failed: {type(exc).__name__} {exc}") from exc
 
