@@ -74,7 +74,10 @@ async def one_run(url: str, prefix: str, total: int, hosts: int) -> dict[str, An
             for i in range(hosts):
                 await c.add_host(f"big{i}", f"{agent}/hosts/big{i}")
         connector = aiohttp.TCPConnector(limit=CONCURRENCY)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+        auth = await h.auth_headers()
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=120), headers=auth
+        ) as http:
             creator = Creator(http, h.urls())
             started = time.perf_counter()
             await asyncio.gather(*(creator.create(i) for i in range(total)))

@@ -65,9 +65,10 @@ async def measure(url: str, prefix: str, count: int) -> float:
     async with cluster(url, prefix, 0) as h:
         await seed(h.database_url, count)
         node = await h.start_node()
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with httpx.AsyncClient(timeout=30, headers=await h.auth_headers()) as http:
             for start in range(0, 1000, 100):
-                await http.get(f"{node.url}/v1/vm-instances", params={"limit": 100, "start": start})
+                page = await http.get(f"{node.url}/v1/vm-instances", params={"limit": 100, "start": start})
+                page.raise_for_status()
         await asyncio.sleep(8)
         return psutil.Process(node.popen.pid).memory_info().rss / (1 << 20)
 

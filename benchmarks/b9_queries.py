@@ -96,7 +96,7 @@ async def measure(url: str, prefix: str, count: int) -> dict[str, Any]:
         node = await h.start_node()
         vms = f"{node.url}/v1/vm-instances"
         rng = random.Random(9)
-        async with httpx.AsyncClient(timeout=60) as http:
+        async with httpx.AsyncClient(timeout=60, headers=await h.auth_headers()) as http:
             queries = {
                 "page1": await timed(http, vms, {"limit": PAGE}, SAMPLES),
                 "deepPage": await timed(http, vms, {"limit": PAGE, "after": seeded["deep"]}, SAMPLES),

@@ -68,3 +68,12 @@ def test_the_removed_api_token_is_refused_not_ignored(monkeypatch: pytest.Monkey
     monkeypatch.delenv("ZSTACK_MN_API_TOKEN")
     with pytest.raises(ConfigError, match="api_token"):
         load_settings(None, {"api_token": "s3cret"})
+
+
+def test_several_broker_urls_are_one_comma_separated_setting() -> None:
+    both = "amqp://guest:guest@10.0.0.1:5672/, amqp://guest:guest@10.0.0.2:5672/"
+    assert load_settings(None, {"broker_url": both, "admin_password": "x"}).broker_url == both
+    with pytest.raises(ConfigError, match="amqp://"):
+        load_settings(None, {"broker_url": "amqp://10.0.0.1/,http://10.0.0.2/"})
+    with pytest.raises(ConfigError, match="memory://"):
+        load_settings(None, {"broker_url": "memory://,amqp://10.0.0.2/"})

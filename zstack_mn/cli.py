@@ -43,7 +43,9 @@ def _fail(message: str, code: int = 1) -> None:
 @app.command()
 def start(
     config: Path | None = ConfigOpt,
-    broker_url: str | None = typer.Option(None, help="amqp://user:pw@host:5672/vhost, or memory:// (embedded)."),
+    broker_url: str | None = typer.Option(
+        None, help="amqp://user:pw@host:5672/vhost (several comma-separated: a cluster's members), or memory://."
+    ),
     database_url: str | None = typer.Option(None, help="postgresql://... or sqlite:///path (embedded)."),
     http_host: str | None = typer.Option(None),
     http_port: int | None = typer.Option(None),

@@ -75,7 +75,7 @@ async def run_call(
     """Call over ZStack's REST API (log in, poll the job), or the plain ``/v1`` API with ``plain``."""
     transport: ApiTransport
     if plain:
-        transport = HttpTransport(urls, account=account, password=password, timeout=timeout)
+        transport = HttpTransport(urls, account=account, password=password)
     else:
         transport = ZStackTransport(urls, account=account, password=password)
     try:

@@ -2,7 +2,9 @@
 AMQP (publishes to ``api.portal``, waits on its own reply queue). Errors raise ZStackError with
 the code. Every way in needs a ZStack API session: the HTTP transports log in with an account
 and password (ZStack's defaults, ``admin``/``password``, unless given); an AMQP client is given a
-session (``await Client.http(urls, password=...).login()``).
+session from an HTTP client's ``login()`` (the broker has no login); when that session ends
+(``session_timeout``, two hours by default) its calls fail with INVALID_SESSION until it is given
+a new one (``client.transport.session = ...``).
 
     async with Client.http(["http://10.0.0.1:8080", "http://10.0.0.2:8080"], password="...") as c:
         vm = await c.create_vm("web1", cpu_num=1, memory_size="1G")
@@ -111,19 +113,17 @@ class HttpTransport(ApiTransport):
         *,
         account: str = ZSTACK_ADMIN_ACCOUNT,
         password: str = ZSTACK_DEFAULT_PASSWORD,
-        timeout: float = 30.0,
         attempt_timeout: float = 10.0,
         max_connections: int = 100,
     ) -> None:
         if not urls:
             raise ValueError("at least one node URL is needed")
         self.attempt_timeout = attempt_timeout
-        self.timeout = timeout
         self.urls = [u.rstrip("/") for u in urls]
         self.account = account
         self._digest = hashlib.sha512(password.encode()).hexdigest()
         self.session: str | None = None
-        self._logging_in = asyncio.Lock()
+        self._logging_in: asyncio.Task[str] | None = None
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._next = 0
@@ -158,25 +158,26 @@ class HttpTransport(ApiTransport):
         return await self._session_for(asyncio.get_running_loop().time() + timeout)
 
     async def _session_for(self, deadline: float) -> str:
-        """The current session, logging in first when there is none (one login at a time)."""
-        async with self._logging_in:
-            if self.session is None:
-                from zstack_mn.web.zstack.catalog import BY_NAME  # late imports: these build on this module
-                from zstack_mn.web.zstack.rest import PREFIX
-
-                api = BY_NAME["LogInByAccount"]
-                assert api.body_key is not None
-                login = {api.body_key: {"accountName": self.account, "password": self._digest}}
-                reply = await self._exchange(
-                    api.method,
-                    PREFIX + api.path,
-                    orjson.dumps(login),
-                    None,
-                    {"Content-Type": "application/json"},
-                    deadline,
-                )
-                self.session = str(reply["inventory"]["uuid"])
+        """The current session; without one, the login under way (one for all callers, each
+        waiting at most until its own deadline), or a new one."""
+        if self.session is not None:
             return self.session
+        if self._logging_in is None or self._logging_in.done():
+            self._logging_in = asyncio.get_running_loop().create_task(self._log_in(deadline))
+        async with asyncio.timeout_at(deadline):
+            return await asyncio.shield(self._logging_in)
+
+    async def _log_in(self, deadline: float) -> str:
+        from zstack_mn.web.zstack.catalog import BY_NAME  # late imports: these build on this module
+        from zstack_mn.web.zstack.rest import PREFIX
+
+        api = BY_NAME["LogInByAccount"]
+        assert api.body_key is not None
+        login = {api.body_key: {"accountName": self.account, "password": self._digest}}
+        headers = {"Content-Type": "application/json"}
+        reply = await self._exchange(api.method, PREFIX + api.path, orjson.dumps(login), None, headers, deadline)
+        self.session = str(reply["inventory"]["uuid"])
+        return self.session
 
     async def _exchange(
         self,
@@ -255,10 +256,13 @@ def _outcome(status: int, content: bytes) -> tuple[ZStackError | None, dict[str,
     if status < 400 and isinstance(data, dict):
         return None, data
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        error = data["error"]
         try:
-            return ZStackError.from_info(ErrorInfo.model_validate(data["error"])), {}
+            return ZStackError.from_info(ErrorInfo.model_validate(error)), {}
         except ValueError:
             pass
+        if isinstance(error.get("code"), str):  # ZStack's own shape (its API's login): details is text
+            return ZStackError(ErrorCode.parse(error["code"]), str(error.get("description", "")), status=status), {}
     code = ErrorCode.BUS_UNAVAILABLE if status >= 500 else ErrorCode.INTERNAL_ERROR
     text = content[:200].decode(errors="replace")
     return ZStackError(code, f"HTTP {status}: {text}", status=status), {}
@@ -344,9 +348,7 @@ class Client:
         timeout: float = 30.0,
     ) -> Client:
         """Over the plain ``/v1`` API, logged in as ``account``."""
-        transport = HttpTransport(
-            [urls] if isinstance(urls, str) else urls, account=account, password=password, timeout=timeout
-        )
+        transport = HttpTransport([urls] if isinstance(urls, str) else urls, account=account, password=password)
         return cls(transport, timeout)
 
     @classmethod

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     broker_url: str = "memory://"
+    """``memory://`` (embedded), or ``amqp://…``; several comma-separated (a RabbitMQ cluster's
+    members) are tried in turn on connect and on every reconnect."""
     database_url: str = f"sqlite+aiosqlite:///{DEFAULT_DATA_DIR / 'zstack-mn.db'}"
     queue_prefix: str = Field("zstack", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     http_host: str = "127.0.0.1"
@@ -90,6 +92,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_broker_urls(self) -> Settings:
+        urls = split_urls(self.broker_url)
+        if self.is_embedded and len(urls) > 1:
+            raise ValueError("broker_url: memory:// is one in-process bus; it takes no other URL")
+        if not self.is_embedded and not all(u.startswith(("amqp://", "amqps://")) for u in urls):
+            raise ValueError("broker_url: every URL must be amqp:// or amqps:// (comma-separated for several)")
+        return self
+
+    @model_validator(mode="after")
     def _check_admin_password(self) -> Settings:
         if (
             not self.is_embedded
@@ -140,6 +151,12 @@ def _describe(error: ValidationError) -> str:
         env = f" ({ENV_PREFIX}{name.upper()})" if item["loc"] else ""
         parts.append(f"{name}{env}: {item['msg']}")
     return "; ".join(parts)
+
+
+def split_urls(value: str) -> list[str]:
+    """Broker URLs given as one comma-separated setting (a RabbitMQ cluster's members), in the
+    order they are tried."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 REMOVED_SETTINGS = {

@@ -31,6 +31,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from zstack_mn.bus.failover import FailoverConnection
 from zstack_mn.bus.topology import (
     DEAD_LETTER_MAX_LENGTH,
     NODE_QUEUE_EXPIRES_MS,
@@ -45,6 +46,7 @@ from zstack_mn.bus.transport import (
     Transport,
     TransportDown,
 )
+from zstack_mn.config import split_urls
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +66,9 @@ class AmqpTransport(Transport):
         self, url: str, topology: Topology, *, publish_timeout: float, connection_name: str, heartbeat: int = 5
     ) -> None:
         self.url = url
+        self.urls = split_urls(url)
+        """The broker URLs (one setting, comma-separated: a cluster's members), tried in turn on
+        connect and on every reconnect."""
         self.heartbeat = heartbeat
         self.topology = topology
         self.publish_timeout = publish_timeout
@@ -84,16 +89,28 @@ class AmqpTransport(Transport):
         return conn is not None and not conn.is_closed and conn.connected.is_set()
 
     async def start(self) -> None:
-        try:
-            self._connection = await aio_pika.connect_robust(
-                self.url,
+        """Connect to the first broker URL that answers, each within ``publish_timeout``."""
+        failures: list[str] = []
+        for first in range(len(self.urls)):
+            connection = FailoverConnection(
+                self.urls,
+                first=first,
                 heartbeat=self.heartbeat,
-                timeout=self.publish_timeout,
                 reconnect_interval=1.0,
                 client_properties={"connection_name": self.connection_name},
             )
-        except (*_DOWN_ERRORS, OSError) as exc:
-            raise TransportDown(f"cannot connect to the broker: {exc}") from exc
+            try:
+                await connection.connect(timeout=self.publish_timeout)
+            except (*_DOWN_ERRORS, OSError) as exc:
+                failures.append(f"{connection}: {type(exc).__name__} {exc}")
+                await _close_quietly(connection)
+                continue
+            self._connection = connection
+            break
+        else:
+            raise TransportDown(f"cannot connect to the broker: {'; '.join(failures)}")
+        if first:
+            log.warning("connected to a later broker URL", url=str(connection), unreachable=failures)
         self._connection.close_callbacks.add(self._closed)
         self._connection.reconnect_callbacks.add(self._reconnected)
         self._publish_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -125,7 +142,7 @@ class AmqpTransport(Transport):
             self.on_disconnect()
 
     def _reconnected(self, *_: Any) -> None:
-        log.info("broker connection restored")
+        log.info("broker connection restored", url=str(self._connection))
         if self.on_reconnect is not None:
             self.on_reconnect()
 
@@ -327,6 +344,6 @@ class AmqpTransport(Transport):
             await _close_quietly(channel)
 
 
-async def _close_quietly(channel: AbstractChannel) -> None:
+async def _close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(channel.close(), 5)
+        await asyncio.wait_for(closable.close(), 5)

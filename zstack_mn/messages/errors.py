@@ -31,7 +31,6 @@ class ErrorCode(str, Enum):
     MALFORMED_MESSAGE = ("SYS.1002", 400, False)
     UNKNOWN_MESSAGE_TYPE = ("SYS.1003", 400, False)
     MESSAGE_TOO_LARGE = ("SYS.1004", 413, False)
-    UNAUTHORIZED = ("SYS.1005", 401, False)
     RESOURCE_NOT_FOUND = ("SYS.1006", 404, False)
     METHOD_NOT_ALLOWED = ("SYS.1007", 405, False)
     NO_ROUTE = ("SYS.1010", 503, True)

@@ -216,6 +216,12 @@ class ClusterHarness:
         """An HTTP client of ``urls`` (every node's by default), logged in as the harness's admin."""
         return Client.http(self.urls() if urls is None else urls, password=ADMIN_PASSWORD, timeout=timeout)
 
+    async def auth_headers(self) -> dict[str, str]:
+        """``Authorization: OAuth <session>`` of a new login of the harness's admin, for raw HTTP
+        calls to the ``/v1`` API."""
+        async with self.client() as http:
+            return {"Authorization": f"OAuth {await http.login()}"}
+
     async def amqp_client(self, *, timeout: float = 30.0, session: str | None = None) -> Client:
         """A client on ``api.portal`` with ``session`` (by default a new login of the harness's
         admin through a node's HTTP API)."""

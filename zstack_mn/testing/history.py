@@ -105,7 +105,7 @@ def with_key(call: VmCall, vm: str) -> Callable[[str], Awaitable[dict[str, Any]]
 
 def make_client(urls: list[str], deadline: float, attempt_timeout: float) -> Client:
     """A multi-URL HTTP client with the run's deadline and per-attempt fail-over bound."""
-    transport = HttpTransport(list(urls), password=ADMIN_PASSWORD, timeout=deadline, attempt_timeout=attempt_timeout)
+    transport = HttpTransport(list(urls), password=ADMIN_PASSWORD, attempt_timeout=attempt_timeout)
     return Client(transport, deadline)
 
 

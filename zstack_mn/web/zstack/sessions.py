@@ -74,6 +74,7 @@ class SessionGuard:
         self._admin_checked = False
         self._next_sweep = 0.0
         self._live: dict[str, tuple[Session, float]] = {}
+        self._ended: dict[str, float] = {}
 
     async def ensure_admin(self) -> None:
         """Create the ``admin`` account unless it exists (once per process)."""
@@ -109,8 +110,11 @@ class SessionGuard:
     async def logout(self, session_uuid: object) -> None:
         """``LogOut``: ending a session that is gone already is not an error (as in ZStack)."""
         if isinstance(session_uuid, str) and _SESSION_UUID.match(session_uuid):
-            self._live.pop(session_uuid.lower(), None)
-            await self.accounts.close_session(session_uuid.lower())
+            key = session_uuid.lower()
+            self._ended[key] = time.monotonic() + RECHECK_S
+            self._live.pop(key, None)
+            await self.accounts.close_session(key)
+            self._live.pop(key, None)
 
     async def validate(self, session_uuid: object) -> bool:
         """``ValidateSession``: always read from the database."""
@@ -139,10 +143,14 @@ class SessionGuard:
         if session is None:
             self._live.pop(key, None)
             return None
+        now = time.monotonic()
+        if self._ended and self._ended.get(key, 0.0) > now:
+            return session  # read before a logout here finished: answered once, never remembered
+        self._ended = {k: until for k, until in self._ended.items() if until > now} if self._ended else self._ended
         if len(self._live) >= CACHED_SESSIONS:
             self._live.clear()
         trust = RECHECK_S if session.seconds_left is None else min(RECHECK_S, session.seconds_left)
-        self._live[key] = (session, time.monotonic() + trust)
+        self._live[key] = (session, now + trust)
         return session
 
     async def check_headers(self, headers: Mapping[str, Any]) -> Session:
