@@ -1,5 +1,6 @@
 """B1: cloud-bus ``call`` against raw aio-pika request/reply, same broker, payload and
-concurrency, measured in the same run."""
+concurrency, measured in the same run; the bus on classic queues and on quorum queues
+(``queue_type = quorum``, what a RabbitMQ cluster needs), so the cost of quorum is a ratio."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import orjson
 import psutil
 
 from benchmarks.common import PAYLOAD_TEXT, LoadResult, broker_process, run_load
-from benchmarks.echo_server import SERVER_NODE, BenchEchoMsg, raw_queue
+from benchmarks.echo_server import QUEUE_TYPE_OF, SERVER_NODE, BenchEchoMsg, raw_queue
 
 CONCURRENCY = (1, 16, 256)
 
@@ -62,14 +63,16 @@ async def raw_client(url: str, prefix: str) -> tuple[Any, Any]:
     return call, conn
 
 
-async def bus_client(url: str, prefix: str) -> tuple[Any, Any]:
+async def bus_client(url: str, prefix: str, queue_type: str) -> tuple[Any, Any]:
     from zstack_mn.bus.amqp import AmqpTransport
     from zstack_mn.bus.cloudbus import CloudBus
     from zstack_mn.bus.topology import Topology
     from zstack_mn.cluster.ring import LiveRing
 
     topology = Topology(prefix)
-    transport = AmqpTransport(url, topology, publish_timeout=10, connection_name="bench-bus-client")
+    transport = AmqpTransport(
+        url, topology, publish_timeout=10, connection_name="bench-bus-client", queue_type=queue_type
+    )
     await transport.start()
     me = str(uuid.uuid4())
     bus = CloudBus(me, transport, topology, ring=LiveRing(me, [SERVER_NODE]))
@@ -85,15 +88,16 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
     """Both servers and clients stay up; rounds alternate raw and bus at each concurrency, and each
     point reports the round with the median rate, so machine drift hits both sides alike."""
     broker = broker_process()
-    servers = {kind: start_server(kind, url, f"{prefix}{kind}") for kind in ("raw", "bus")}
+    servers = {kind: start_server(kind, url, f"{prefix}{kind}") for kind in KINDS}
     clients: dict[str, Any] = {}
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         clients["raw"] = await raw_client(url, f"{prefix}raw")
-        clients["bus"] = await bus_client(url, f"{prefix}bus")
+        for kind, queue_type in QUEUE_TYPE_OF.items():
+            clients[kind] = await bus_client(url, f"{prefix}{kind}", queue_type)
         for _ in range(ROUNDS):
             for c in CONCURRENCY:
-                for kind in ("raw", "bus"):
+                for kind in KINDS:
                     res: LoadResult = await run_load(
                         clients[kind][0],
                         c,
@@ -114,10 +118,13 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
             kind: sorted(runs, key=lambda r: r["callsPerSecond"])[len(runs) // 2] for kind, runs in kinds.items()
         }
         row["ratio"] = round(row["bus"]["callsPerSecond"] / max(row["raw"]["callsPerSecond"], 1e-9), 3)
+        row["quorumRatio"] = round(row["bus-quorum"]["callsPerSecond"] / max(row["raw"]["callsPerSecond"], 1e-9), 3)
+        row["quorumToClassic"] = round(row["bus-quorum"]["callsPerSecond"] / max(row["bus"]["callsPerSecond"], 1e-9), 3)
         row["rounds"] = {kind: [r["callsPerSecond"] for r in runs] for kind, runs in kinds.items()}
         results[point] = row
     return {"concurrency": results}
 
 
 ROUNDS = 3
-STEPS = ROUNDS * 2 * len(CONCURRENCY)
+KINDS = ("raw", *QUEUE_TYPE_OF)
+STEPS = ROUNDS * len(KINDS) * len(CONCURRENCY)

@@ -29,6 +29,10 @@ def raw_queue(prefix: str) -> str:
     return f"{prefix}.raw.rpc"
 
 
+QUEUE_TYPE_OF = {"bus": "classic", "bus-quorum": "quorum"}
+"""The bus servers B1 compares with raw request/reply: on classic and on quorum queues."""
+
+
 async def serve_raw(url: str, prefix: str) -> None:
     conn = await aio_pika.connect_robust(url)
     channel = await conn.channel()
@@ -48,14 +52,16 @@ async def serve_raw(url: str, prefix: str) -> None:
     await asyncio.Future()
 
 
-async def serve_bus(url: str, prefix: str) -> None:
+async def serve_bus(url: str, prefix: str, queue_type: str = "classic") -> None:
     from zstack_mn.bus.amqp import AmqpTransport
     from zstack_mn.bus.cloudbus import BusLimits, CloudBus, Request
     from zstack_mn.bus.topology import Topology
     from zstack_mn.cluster.ring import LiveRing
 
     topology = Topology(prefix)
-    transport = AmqpTransport(url, topology, publish_timeout=10, connection_name="bench-bus-server")
+    transport = AmqpTransport(
+        url, topology, publish_timeout=10, connection_name="bench-bus-server", queue_type=queue_type
+    )
     await transport.start()
     bus = CloudBus(
         SERVER_NODE, transport, topology, ring=LiveRing(SERVER_NODE, [SERVER_NODE]), limits=BusLimits(prefetch=PREFETCH)
@@ -74,4 +80,4 @@ async def serve_bus(url: str, prefix: str) -> None:
 
 if __name__ == "__main__":
     kind, url, prefix = sys.argv[1:4]
-    asyncio.run(serve_raw(url, prefix) if kind == "raw" else serve_bus(url, prefix))
+    asyncio.run(serve_raw(url, prefix) if kind == "raw" else serve_bus(url, prefix, QUEUE_TYPE_OF[kind]))

@@ -43,16 +43,24 @@ def _b1(b: dict[str, Any]) -> list[str]:
     lines = [
         "## B1 — bus call vs raw aio-pika request/reply (same run)",
         "",
-        "| c | raw calls/s | bus calls/s | ratio | raw p50/p99 ms | bus p50/p99 ms | bus CPU µs/call client·server·broker |",
-        "|---|---|---|---|---|---|---|",
+        "| c | raw calls/s | bus calls/s | ratio | raw p50/p99 ms | bus p50/p99 ms | bus CPU µs/call client·server·broker "
+        "| quorum bus calls/s | quorum ratio to raw | quorum ÷ classic | quorum p50/p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, row in b["concurrency"].items():
         raw, bus = row["raw"], row["bus"]
         cpu = bus["cpuUsPerCall"]
+        quorum = row.get("bus-quorum")
+        extra = (
+            f"{quorum['callsPerSecond']:.0f} | {row['quorumRatio']:.2f}× | {row['quorumToClassic']:.2f}× | "
+            f"{quorum['p50Ms']:.2f}/{quorum['p99Ms']:.2f}"
+            if quorum
+            else "- | - | - | -"
+        )
         lines.append(
             f"| {c} | {raw['callsPerSecond']:.0f} | {bus['callsPerSecond']:.0f} | **{row['ratio']:.2f}×** | "
             f"{raw['p50Ms']:.2f}/{raw['p99Ms']:.2f} | {bus['p50Ms']:.2f}/{bus['p99Ms']:.2f} | "
-            f"{cpu.get('client', 0):.0f}·{cpu.get('server', 0):.0f}·{cpu.get('broker', 0):.0f} |"
+            f"{cpu.get('client', 0):.0f}·{cpu.get('server', 0):.0f}·{cpu.get('broker', 0):.0f} | {extra} |"
         )
     return [*lines, ""]
 

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     members) are tried in turn on connect and on every reconnect."""
     database_url: str = f"sqlite+aiosqlite:///{DEFAULT_DATA_DIR / 'zstack-mn.db'}"
     queue_prefix: str = Field("zstack", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    queue_type: Literal["classic", "quorum"] = "classic"
+    """``quorum`` for a RabbitMQ cluster: the durable queues are replicated over its members, so
+    losing one loses no queue. Every node of a cluster needs the same value."""
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     http_enabled: bool = True

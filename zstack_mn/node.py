@@ -73,6 +73,7 @@ def make_transport(settings: Settings, topology: Topology, name: str) -> Transpo
             publish_timeout=settings.publish_timeout,
             connection_name=name,
             heartbeat=settings.amqp_heartbeat,
+            queue_type=settings.queue_type,
         )
     raise ZStackError(
         ErrorCode.INVALID_ARGUMENT, f"broker_url: unsupported scheme in {settings.broker_url.split('://')[0]}://"

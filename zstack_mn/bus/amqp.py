@@ -12,6 +12,10 @@
   (measured: RabbitMQ 3.10 dropped a SIGSTOPped client about 28 s after the freeze at 10 s).
 * Rescue operations (``take``, ``delete_if_empty``) run on a short-lived channel of their own,
   because a missing queue or a failed precondition closes the channel it happens on.
+* ``queue_type="quorum"`` declares the durable queues as quorum queues (with a delivery limit).
+  RabbitMQ refuses ``if-empty`` on a quorum queue's delete with a connection error (540), so
+  there ``delete_if_empty`` deletes a queue only after finding it empty and unused twice, a
+  round trip apart.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from aio_pika.abc import (
 from zstack_mn.bus.failover import FailoverConnection
 from zstack_mn.bus.topology import (
     DEAD_LETTER_MAX_LENGTH,
+    DELIVERY_LIMIT,
     NODE_QUEUE_EXPIRES_MS,
+    QUEUE_TYPES,
     Topology,
 )
 from zstack_mn.bus.transport import (
@@ -42,6 +48,7 @@ from zstack_mn.bus.transport import (
     Handler,
     NoRouteError,
     QueueKind,
+    QueueMismatch,
     RejectMessage,
     Transport,
     TransportDown,
@@ -63,9 +70,19 @@ class AmqpTransport(Transport):
     """A Transport on RabbitMQ."""
 
     def __init__(
-        self, url: str, topology: Topology, *, publish_timeout: float, connection_name: str, heartbeat: int = 5
+        self,
+        url: str,
+        topology: Topology,
+        *,
+        publish_timeout: float,
+        connection_name: str,
+        heartbeat: int = 5,
+        queue_type: str = "classic",
     ) -> None:
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type: one of {', '.join(QUEUE_TYPES)}")
         self.url = url
+        self.queue_type = queue_type
         self.urls = split_urls(url)
         """The broker URLs (one setting, comma-separated: a cluster's members), tried in turn on
         connect and on every reconnect."""
@@ -167,16 +184,34 @@ class AmqpTransport(Transport):
         dlx = await self._publish_channel.declare_exchange(
             self.topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        queue = await self._publish_channel.declare_queue(
-            self.topology.dead_letter_queue, durable=True, arguments={"x-max-length": DEAD_LETTER_MAX_LENGTH}
-        )
+        name = self.topology.dead_letter_queue
+        args: dict[str, Any] = {"x-max-length": DEAD_LETTER_MAX_LENGTH, **self._type_arguments()}
+        try:
+            queue = await self._publish_channel.declare_queue(name, durable=True, arguments=args)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise self._mismatch(name, exc) from None
         await queue.bind(dlx)
+
+    def _type_arguments(self) -> dict[str, Any]:
+        if self.queue_type == "quorum":
+            return {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+        return {}
 
     def _arguments(self, kind: QueueKind) -> dict[str, Any]:
         args: dict[str, Any] = {"x-dead-letter-exchange": self.topology.dead_letter_exchange}
         if kind is QueueKind.NODE:
             args["x-expires"] = NODE_QUEUE_EXPIRES_MS
+        if kind is not QueueKind.PRIVATE:
+            args.update(self._type_arguments())
         return args
+
+    def _mismatch(self, queue: str, exc: Exception) -> QueueMismatch:
+        return QueueMismatch(
+            f"queue {queue} exists on the broker with other arguments than this node declares "
+            f"(queue_type={self.queue_type}): {exc}. Every node of a cluster needs the same "
+            "ZSTACK_MN_QUEUE_TYPE; to change it, stop every node and delete the cluster's queues "
+            "(README: Broker HA)"
+        )
 
     async def declare(self, queue: str, kind: QueueKind) -> None:
         conn = self._require()
@@ -185,13 +220,17 @@ class AmqpTransport(Transport):
             channel = await conn.channel(publisher_confirms=False)
             self._consumer_channels[queue] = channel
         private = kind is QueueKind.PRIVATE
-        self._queues[queue] = await channel.declare_queue(
-            queue,
-            durable=not private,
-            exclusive=private,
-            auto_delete=private,
-            arguments=self._arguments(kind),
-        )
+        try:
+            self._queues[queue] = await channel.declare_queue(
+                queue,
+                durable=not private,
+                exclusive=private,
+                auto_delete=private,
+                arguments=self._arguments(kind),
+            )
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            self._consumer_channels.pop(queue, None)
+            raise self._mismatch(queue, exc) from None
         self._kinds[queue] = kind
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> None:
@@ -317,6 +356,8 @@ class AmqpTransport(Transport):
         return delivery, ack
 
     async def delete_if_empty(self, queue: str) -> bool:
+        if self.queue_type == "quorum" and self._kinds.get(queue) is not QueueKind.PRIVATE:
+            return await self._delete_quorum_if_empty(queue)
         channel = await self._scratch_channel()
         try:
             await asyncio.wait_for(
@@ -328,6 +369,28 @@ class AmqpTransport(Transport):
             return True
         except aiormq.exceptions.ChannelPreconditionFailed:
             return False
+        finally:
+            await _close_quietly(channel)
+            self._queues.pop(queue, None)
+
+    async def _delete_quorum_if_empty(self, queue: str) -> bool:
+        """A quorum queue found empty and unused, then again a round trip later, is deleted (a
+        plain delete: RabbitMQ has no if-empty for quorum queues)."""
+        for _ in range(2):
+            status = await self.queue_status(queue)
+            if status is None:
+                self._queues.pop(queue, None)
+                return True
+            if status != (0, 0):
+                return False
+        channel = await self._scratch_channel()
+        try:
+            await asyncio.wait_for(channel.queue_delete(queue), self.publish_timeout)
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return True
+        except _DOWN_ERRORS as exc:
+            raise TransportDown(f"cannot delete {queue}: {exc}") from exc
         finally:
             await _close_quietly(channel)
             self._queues.pop(queue, None)

@@ -10,6 +10,10 @@ name, which other layers share, are in ``zstack_mn.messages.names``).
 | event exchange | ``<p>.event`` | topic; each node binds its own ``<p>.event.<node>`` queue |
 | dead letters | ``<p>.dlx`` (fanout) → ``<p>.dead-letter`` | bounded length |
 
+The durable queues (service, API, dead letters) are classic queues, or quorum queues
+(``queue_type = quorum``: replicated over a RabbitMQ cluster's members, with a delivery limit);
+reply and event queues stay classic and exclusive, since they die with their node.
+
 ``<p>`` is the queue prefix (default ``zstack``), which lets several clusters or test runs share a
 broker.
 """
@@ -24,6 +28,10 @@ API_QUEUE_SUFFIX = "portal"
 
 NODE_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 DEAD_LETTER_MAX_LENGTH = 100_000
+QUEUE_TYPES = ("classic", "quorum")
+DELIVERY_LIMIT = 20
+"""On quorum queues: a message delivered this many times without an ack (its consumer died with
+it each time) is dead-lettered instead of being redelivered forever."""
 
 
 @dataclass(frozen=True, slots=True)

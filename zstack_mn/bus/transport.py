@@ -53,6 +53,11 @@ class TransportDown(Exception):
     """The broker connection is down or the operation did not complete in time."""
 
 
+class QueueMismatch(Exception):
+    """A queue exists on the broker with other arguments than this node declares (another
+    ``queue_type``): a configuration error, not a fault to retry."""
+
+
 class Transport(ABC):
     """Byte-level messaging used by ``CloudBus``."""
 

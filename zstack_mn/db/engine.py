@@ -23,6 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from zstack_mn.db.pg_hosts import writable_connector
 from zstack_mn.messages import ErrorCode, ZStackError
 
 log = structlog.get_logger(__name__)
@@ -84,6 +85,9 @@ class Database:
                 "command_timeout": timeout,
                 "server_settings": server_settings,
             }
+            creator = writable_connector(parsed, timeout, kwargs["connect_args"])
+            if creator is not None:
+                kwargs["async_creator"] = creator
         self.engine: AsyncEngine = create_async_engine(
             self.url,
             **kwargs,

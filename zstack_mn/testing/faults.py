@@ -29,6 +29,7 @@ import httpx
 from sqlalchemy import func, select
 
 from zstack_mn.agent.protocol import AgentFault
+from zstack_mn.bus.topology import QUEUE_TYPES
 from zstack_mn.cluster.membership import LIVENESS_TRUST_ROUNDS
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.db.engine import Database
@@ -88,6 +89,7 @@ async def run_row(
     vms: int = 24,
     workers: int = 6,
     load_after_s: float = 3.0,
+    queue_type: str = "classic",
 ) -> Report:
     """One run of ``row`` in a cluster of its own (database and queue prefix given/derived)."""
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 30)
@@ -100,7 +102,7 @@ async def run_row(
         queue_prefix=f"f{uuidlib.uuid4().hex[:8]}",
         heartbeat=row.timings.heartbeat,
         node_timeout=row.timings.node_timeout,
-        env={"ZSTACK_MN_AGENT_TIMEOUT": str(row.timings.agent_timeout)},
+        env={"ZSTACK_MN_AGENT_TIMEOUT": str(row.timings.agent_timeout), "ZSTACK_MN_QUEUE_TYPE": queue_type},
     )
     proxies: dict[str, CutProxy] = {}
     observer = Observer(database_url)
@@ -253,15 +255,20 @@ def _measure(run: Run) -> None:
 # ---------------------------------------------------------------- command line
 
 
-async def run_isolated(row: Row, workdir: Path, seed: int | None) -> Report:
+async def run_isolated(row: Row, workdir: Path, seed: int | None, queue_type: str = "classic") -> Report:
     """A run with its own vhost and database, both removed afterwards."""
     vhost = servers.new_vhost()
     db_name = await servers.create_database()
     try:
-        return await asyncio.wait_for(
-            run_row(row, workdir, amqp_url=servers.amqp_url(vhost), database_url=servers.pg_url(db_name), seed=seed),
-            RUN_BOUND_S,
+        run = run_row(
+            row,
+            workdir,
+            amqp_url=servers.amqp_url(vhost),
+            database_url=servers.pg_url(db_name),
+            seed=seed,
+            queue_type=queue_type,
         )
+        return await asyncio.wait_for(run, RUN_BOUND_S)
     finally:
         await servers.drop_database(db_name)
         servers.delete_vhost(vhost)
@@ -337,13 +344,14 @@ def write_summary(summary: dict[str, Any], path: Path) -> None:
     path.with_suffix(".md").write_text(markdown_summary(summary) + "\n")
 
 
-async def _main(names: list[str], runs: int, seed: int | None, out: Path | None, workdir: Path) -> int:
+async def _main(names: list[str], runs: int, seed: int | None, out: Path | None, workdir: Path, queue_type: str) -> int:
+    print(f"queue type: {queue_type}", flush=True)
     reports = []
     for name in names:
         for i in range(runs):
             run_dir = workdir / f"{name}-{i}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            report = await run_isolated(ROWS[name], run_dir, None if seed is None else seed + i)
+            report = await run_isolated(ROWS[name], run_dir, None if seed is None else seed + i, queue_type)
             reports.append(report)
             print(report.line(), flush=True)
             for p in report.problems:
@@ -368,6 +376,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="first seed (run i uses seed + i)")
     parser.add_argument("--json", type=Path, default=None, help="write the summary and every run here")
     parser.add_argument("--keep-logs", type=Path, default=None, help="keep node logs in this directory")
+    parser.add_argument("--queue-type", choices=QUEUE_TYPES, default="classic", help="the nodes' ZSTACK_MN_QUEUE_TYPE")
     args = parser.parse_args()
     names = args.rows or list(ROWS)
     unknown = [n for n in names if n not in ROWS]
@@ -376,9 +385,9 @@ def main() -> None:
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if args.keep_logs:
-        raise SystemExit(asyncio.run(_main(names, args.runs, args.seed, args.json, args.keep_logs)))
+        raise SystemExit(asyncio.run(_main(names, args.runs, args.seed, args.json, args.keep_logs, args.queue_type)))
     with tempfile.TemporaryDirectory(prefix="zstack-faults-") as tmp:
-        raise SystemExit(asyncio.run(_main(names, args.runs, args.seed, args.json, Path(tmp))))
+        raise SystemExit(asyncio.run(_main(names, args.runs, args.seed, args.json, Path(tmp), args.queue_type)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+"""A database URL with several hosts: each host gets a connect deadline of its own, so a first
+host that swallows packets does not use up the time the next one needs (asyncpg alone shares one
+deadline among all hosts). The primary fail-over itself is checked against a real standby in
+``tests/test_ha_cluster.py``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from zstack_mn.db.engine import Database
+from zstack_mn.db.pg_hosts import hosts_of, writable_connector
+from zstack_mn.testing import servers
+
+
+def test_hosts_of_reads_every_host_parameter_in_order() -> None:
+    url = make_url("postgresql+asyncpg://u@/db?host=10.0.0.1:5433&host=db2&target_session_attrs=read-write")
+    assert hosts_of(url) == [("10.0.0.1", 5433), ("db2", 5432)]
+    assert writable_connector(make_url("postgresql+asyncpg://u@h:5432/db"), 1.0, {}) is None
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_a_black_holed_first_host_costs_one_deadline_not_all(pg_database: str) -> None:
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts the connection and never answers, like a dead host's SYN-ACK-ing firewall
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hole_port = hole.sockets[0].getsockname()[1]
+    name = make_url(pg_database).database
+    url = (
+        f"postgresql+asyncpg://{servers.PG_USER}@/{name}"
+        f"?host=127.0.0.1:{hole_port}&host={servers.PG_HOST}:{servers.PG_PORT}&target_session_attrs=read-write"
+    )
+    db = Database(url, timeout=2.0, pool_size=1, max_overflow=0)
+    try:
+        async with db.begin() as conn:
+            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    finally:
+        await db.close()
+        hole.close()

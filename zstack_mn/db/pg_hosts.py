@@ -1,0 +1,63 @@
+"""Several PostgreSQL hosts in one database URL (a primary and its standbys), each tried with a
+connect deadline of its own.
+
+asyncpg tries the hosts of a multi-host URL in turn, but under one deadline for them all: a first
+host that drops packets uses it up before the second is tried. ``writable_connector`` gives each
+host ``per_host_timeout`` and keeps the first connection whose session accepts writes (the
+``target_session_attrs`` of the URL, ``read-write`` by default), so a primary that moved to what
+was a standby is found within one deadline per dead host.
+
+    postgresql://zstack@/zstack?host=10.0.0.1:5432&host=10.0.0.2:5432&target_session_attrs=read-write
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL
+
+DEFAULT_PORT = 5432
+DEFAULT_TARGET = "read-write"
+
+
+def hosts_of(url: URL) -> list[tuple[str, int]]:
+    """The (host, port) pairs of a URL's ``host`` query parameters, in order."""
+    given = url.query.get("host", ())
+    listed = [given] if isinstance(given, str) else list(given)
+    pairs = []
+    for entry in listed:
+        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        pairs.append((host, int(port) if port else (url.port or DEFAULT_PORT)))
+    return pairs
+
+
+def writable_connector(
+    url: URL, per_host_timeout: float, connect_args: dict[str, Any]
+) -> Callable[[], Awaitable[asyncpg.Connection]] | None:
+    """An ``async_creator`` for SQLAlchemy when ``url`` names several hosts; None otherwise (the
+    driver's own connect is then as good)."""
+    hosts = hosts_of(url)
+    if len(hosts) < 2:
+        return None
+    target = str(url.query.get("target_session_attrs", DEFAULT_TARGET))
+    base = {
+        "user": url.username,
+        "password": url.password,
+        "database": url.database,
+        "target_session_attrs": target,
+        **{k: v for k, v in connect_args.items() if k != "timeout"},
+    }
+
+    async def connect() -> asyncpg.Connection:
+        failures: list[str] = []
+        for host, port in hosts:
+            try:
+                conn: asyncpg.Connection = await asyncpg.connect(host=host, port=port, timeout=per_host_timeout, **base)
+                return conn
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+        raise OSError(f"no {target} PostgreSQL host answered: {'; '.join(failures)}")
+
+    return connect
