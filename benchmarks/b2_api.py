@@ -27,7 +27,8 @@ from zstack_mn.testing.cluster import ClusterHarness, free_port, spawn, wait_htt
 
 CONCURRENCY = (1, 16, 64, 256)
 NODE_COUNTS = (1, 3)
-PATHS = ("HTTP", "AMQP api.portal")
+QUORUM_PATH = "HTTP, quorum queues"
+PATHS = ("HTTP", "AMQP api.portal", QUORUM_PATH)
 VMS = 2 * max(CONCURRENCY)
 WORKERS_PER_HTTP_CLIENT = 64
 FALL_TOLERANCE = 0.9
@@ -38,7 +39,7 @@ EMBEDDED_PATH = "HTTP embedded (SQLite, in-process bus)"
 EMBEDDED_C = 16
 EMBEDDED_VMS = 32
 EMBEDDED_START_S = 60.0
-STEPS = 2 + len(NODE_COUNTS) * len(PATHS)
+STEPS = 3 + len(NODE_COUNTS) * 2
 
 
 async def window_load(call: Callable[[int], Awaitable[Any]], concurrency: int, seconds: float) -> LoadResult:
@@ -157,6 +158,13 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
             for c, res in (await amqp_sweep(h, url, toggler, seconds)).items():
                 rows.append(_row("AMQP api.portal", n, c, res, raw[c]))
             progress.update(1)
+    async with cluster(url, f"{prefix}q", 1, env={"ZSTACK_MN_QUEUE_TYPE": "quorum"}) as h:
+        agent = await h.start_agent(cpu=4 * VMS, memory="1T")
+        async with h.client(h.urls(), timeout=CALL_TIMEOUT) as setup:
+            toggler = Toggler(await make_vms(setup, agent, VMS))
+        for c, res in (await http_sweep(h, toggler, seconds)).items():
+            rows.append(_row(QUORUM_PATH, 1, c, res, raw[c]))
+    progress.update(1)
     rows.append(_row(EMBEDDED_PATH, 1, EMBEDDED_C, await measure_embedded(seconds), raw[EMBEDDED_C]))
     progress.update(1)
     return {

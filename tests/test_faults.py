@@ -8,17 +8,19 @@ is printed at the end of the session and written as JSON to ``--fault-report``.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
 from zstack_mn.testing.fault_rows import ROWS
-from zstack_mn.testing.faults import RUN_BOUND_S, Report, run_row
+from zstack_mn.testing.faults import RUN_BOUND_S, Report, run_on
 
 FULL_RUNS = 10
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(RUN_BOUND_S + 60)]
+HA_START_S = 180
+"""What a row on its own RabbitMQ cluster and PostgreSQL pair adds: starting and stopping them."""
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(RUN_BOUND_S + 60 + HA_START_S)]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -37,9 +39,7 @@ async def test_fault_row_holds(
 ):
     # Bounded inside the event loop (below pytest-timeout), so that a run that hangs is cancelled
     # and its processes are stopped, instead of being left running by pytest-timeout.
-    report = await asyncio.wait_for(
-        run_row(ROWS[row_name], tmp_path, amqp_url=amqp_url, database_url=pg_database), RUN_BOUND_S
-    )
+    report = await run_on(ROWS[row_name], tmp_path, amqp_url=amqp_url, database_url=pg_database)
     fault_reports.append(report)
     assert report.verdict["ok"] > 0, "the load made no successful request: the run proved nothing"
     assert report.holds, (

@@ -1,7 +1,7 @@
 """A database URL with several hosts: each host gets a connect deadline of its own, so a first
 host that swallows packets does not use up the time the next one needs (asyncpg alone shares one
 deadline among all hosts). The primary fail-over itself is checked against a real standby in
-``tests/test_ha_cluster.py``."""
+the ``db-failover`` row of the fault matrix (``zstack_mn/testing/fault_rows.py``)."""
 
 from __future__ import annotations
 

@@ -56,7 +56,13 @@ def writable_connector(
             try:
                 conn: asyncpg.Connection = await asyncpg.connect(host=host, port=port, timeout=per_host_timeout, **base)
                 return conn
-            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (
+                OSError,
+                TimeoutError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,  # TargetServerAttributeNotMatched: a standby, not yet promoted
+            ) as exc:
                 failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
         raise OSError(f"no {target} PostgreSQL host answered: {'; '.join(failures)}")
 

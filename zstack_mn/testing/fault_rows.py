@@ -27,6 +27,7 @@ from zstack_mn.messages.host import HOST
 from zstack_mn.messages.vm import VM
 from zstack_mn.testing import servers
 from zstack_mn.testing.cluster import ClusterHarness, Proc, agent_in_flight, set_agent_faults
+from zstack_mn.testing.ha import PgPair, RabbitCluster
 from zstack_mn.testing.history import OK, History, make_client, with_key
 from zstack_mn.testing.observer import Observer
 from zstack_mn.testing.proxy import CutProxy
@@ -42,6 +43,8 @@ DETECTION_BOUND_S = 20.0
 DEATH_NOTICED_BOUND_S = 2 * (NODE_TIMEOUT_S + HEARTBEAT_S)
 LEAVE_NOTICED_BOUND_S = 4 * HEARTBEAT_S
 CONSUMERS_BACK_BOUND_S = 10.0
+MEMBER_LOSS_SERVED_BOUND_S = 5.0
+"""Broker member lost (issue 16's target): every VM is served again within this."""
 RING_SAMPLE = 10_000
 RETRYABLE_CODES = frozenset(c.name for c in ErrorCode if c.retryable)
 LATENCY_OPS = ("start", "stop", "reboot")
@@ -59,6 +62,8 @@ class Run:
     history: History
     vms: list[str]
     proxies: dict[str, CutProxy] = field(default_factory=dict)
+    ha: HaServers | None = None
+    """The row's own RabbitMQ cluster and PostgreSQL pair (rows with ``backend="ha"``)."""
     ring_at_injection: HashRing | None = None
     victim: Proc | None = None
     victim_uuid: str = ""
@@ -118,6 +123,12 @@ class Row:
     special_node: Prepare | None = None
     detect_bound: float | None = None
     timings: Timings = SCALED
+    backend: str = "shared"
+    """``shared``: the machine's RabbitMQ and PostgreSQL (a vhost and a database of the run's own);
+    ``ha``: a 3-member RabbitMQ cluster with quorum queues and a PostgreSQL primary with a
+    synchronous standby, started for the run (``zstack_mn.testing.ha``)."""
+    served_bound: float | None = None
+    """When set: every VM must be served again within this many seconds of the injection."""
 
 
 @dataclass
@@ -128,6 +139,12 @@ class RunSetup:
     rng: random.Random
     proxies: dict[str, CutProxy]
     measures: dict[str, Any]
+
+
+@dataclass
+class HaServers:
+    rabbit: RabbitCluster
+    pg: PgPair
 
 
 # ---------------------------------------------------------------- the faults
@@ -261,6 +278,70 @@ async def _rabbitmq_restart(run: Run) -> None:
         f"consumers back {took}s after start_app (bound {CONSUMERS_BACK_BOUND_S:g}s)",
     )
     _nobody_hurt(run, "broker")
+
+
+async def _broker_member_kill(run: Run) -> None:
+    """kill -9 the RabbitMQ member that leads the API queue (the worst member to lose)."""
+    assert run.ha is not None
+    leader = await run.ha.rabbit.queue_leader(Topology(run.harness.queue_prefix).api_queue)
+    run.measures["member"] = leader + 1
+    await run.ha.rabbit.kill(leader)
+    await _until_every_vm_served(run)
+    _nobody_hurt(run, "broker member")
+
+
+async def _broker_member_stop(run: Run) -> None:
+    """``rabbitmqctl stop_app`` on a member that does not lead the API queue, for 1–5 s."""
+    assert run.ha is not None
+    rabbit = run.ha.rabbit
+    leader = await rabbit.queue_leader(Topology(run.harness.queue_prefix).api_queue)
+    member = run.rng.choice([i for i in range(len(rabbit.members)) if i != leader])
+    run.measures["member"] = member + 1
+    down = run.rng.uniform(1.0, 5.0)
+    run.measures["down_s"] = round(down, 2)
+    await rabbit.stop_app(member)
+    try:
+        await asyncio.sleep(down)
+    finally:
+        await rabbit.start_app(member)
+    await _until_every_vm_served(run)
+    _nobody_hurt(run, "broker member")
+
+
+async def _db_failover(run: Run) -> None:
+    """Stop the PostgreSQL primary with ``-m immediate`` and promote the synchronous standby."""
+    assert run.ha is not None
+    took = await run.ha.pg.fail_over()
+    run.measures["promoted_s"] = round(took, 2)
+    await _until_every_vm_served(run)
+    _nobody_hurt(run, "database fail-over")
+
+
+async def _until_every_vm_served(run: Run, bound: float = 60.0) -> None:
+    """Wait (bounded) until every VM has had an operation succeed since the injection."""
+
+    def served() -> bool:
+        done = {op.vm for op in run.history.ops if op.outcome == OK and op.sent >= run.injected_at}
+        return set(run.vms) <= done
+
+    await run.wait_for(served, bound, "every VM served again")
+
+
+def every_vm_served_again_s(run: Run) -> float | None:
+    """The longest any VM waited to be served after the fault: per VM, from the first request
+    about it sent after the injection to the first one answered with success (the workload's own
+    pacing, how long until it picks a VM again, is left out); None if some VM never was."""
+    asked: dict[str, float] = {}
+    served: dict[str, float] = {}
+    for op in sorted(run.history.ops, key=lambda o: o.sent):
+        if op.sent < run.injected_at:
+            continue
+        asked.setdefault(op.vm, op.sent)
+        if op.outcome == OK and op.answered is not None and op.vm not in served:
+            served[op.vm] = op.answered
+    if not served or set(run.vms) - served.keys():
+        return None
+    return max(served[vm] - asked[vm] for vm in run.vms)
 
 
 async def _consumers_back(run: Run) -> bool:
@@ -526,5 +607,32 @@ ROWS: dict[str, Row] = {
             detect_bound=2 * DEFAULTS.heartbeat,
             timings=DEFAULTS,
         ),
+        Row(
+            "broker-member-kill",
+            "3-member RabbitMQ cluster, quorum queues: kill -9 the member leading the API queue",
+            _broker_member_kill,
+            RETRYABLE_CODES,
+            backend="ha",
+            served_bound=MEMBER_LOSS_SERVED_BOUND_S,
+        ),
+        Row(
+            "broker-member-stop",
+            "3-member RabbitMQ cluster, quorum queues: stop_app / start_app of another member",
+            _broker_member_stop,
+            RETRYABLE_CODES,
+            backend="ha",
+            served_bound=MEMBER_LOSS_SERVED_BOUND_S,
+        ),
+        Row(
+            "db-failover",
+            "PostgreSQL primary stopped -m immediate, its synchronous standby promoted",
+            _db_failover,
+            RETRYABLE_CODES,
+            backend="ha",
+            served_bound=NODE_TIMEOUT_S,
+        ),
     )
 }
+HA_ROWS = frozenset(name for name, row in ROWS.items() if row.backend == "ha")
+"""Rows that start their own RabbitMQ cluster and PostgreSQL pair (``make fault-full`` runs them;
+the default list of ``python -m zstack_mn.testing.faults`` too)."""

@@ -44,10 +44,13 @@ from zstack_mn.testing.fault_rows import (
     DEADLINE_S,
     LATENCY_OPS,
     ROWS,
+    HaServers,
     Row,
     Run,
     RunSetup,
+    every_vm_served_again_s,
 )
+from zstack_mn.testing.ha import PgPair, RabbitCluster
 from zstack_mn.testing.history import OK, History, Op, Workload, make_client
 from zstack_mn.testing.observer import Observer
 from zstack_mn.testing.proxy import CutProxy
@@ -90,6 +93,7 @@ async def run_row(
     workers: int = 6,
     load_after_s: float = 3.0,
     queue_type: str = "classic",
+    ha: HaServers | None = None,
 ) -> Report:
     """One run of ``row`` in a cluster of its own (database and queue prefix given/derived)."""
     seed = seed if seed is not None else random.SystemRandom().randrange(1 << 30)
@@ -122,7 +126,7 @@ async def run_row(
         observer.start()
         history = History(DEADLINE_S)
         vm_states = await _setup_vms(harness, agent_url, history, vms)
-        run = Run(harness, nodes, rng, observer, agent_url, history, list(vm_states), proxies, measures=measures)
+        run = Run(harness, nodes, rng, observer, agent_url, history, list(vm_states), proxies, ha=ha, measures=measures)
         await run.set_agent_faults([AgentFault(op=op, latency=AGENT_LATENCY_S) for op in LATENCY_OPS])
         workload = Workload(
             harness.urls(nodes), vm_states, history, workers=workers, attempt_timeout=ATTEMPT_TIMEOUT_S, seed=seed
@@ -141,6 +145,13 @@ async def run_row(
         )
         (workdir / "history.json").write_text(json.dumps(history.as_json()))
         _measure(run)
+        if row.served_bound is not None:
+            served = every_vm_served_again_s(run)
+            run.measures["all_served_again_s"] = served if served is None else round(served, 2)
+            run.expect(
+                served is not None and served <= row.served_bound,
+                f"every VM served again {served}s after the fault (bound {row.served_bound:g}s)",
+            )
         detected = run.measures.get("detect_s")
         if row.detect_bound is not None and detected is not None:
             run.expect(
@@ -255,12 +266,36 @@ def _measure(run: Run) -> None:
 # ---------------------------------------------------------------- command line
 
 
+async def run_on(
+    row: Row, workdir: Path, *, amqp_url: str, database_url: str, seed: int | None = None, queue_type: str = "classic"
+) -> Report:
+    """One run of ``row`` (bounded by RUN_BOUND_S) on the broker and database given; a row on the
+    ``ha`` backend runs instead on a RabbitMQ cluster (quorum queues) and a PostgreSQL pair of its
+    own, started here and stopped afterwards."""
+    if row.backend != "ha":
+        run = run_row(row, workdir, amqp_url=amqp_url, database_url=database_url, seed=seed, queue_type=queue_type)
+        return await asyncio.wait_for(run, RUN_BOUND_S)
+    async with RabbitCluster(workdir) as rabbit, PgPair(workdir) as pg:
+        run = run_row(
+            row,
+            workdir,
+            amqp_url=",".join(rabbit.urls),
+            database_url=pg.url,
+            seed=seed,
+            queue_type="quorum",
+            ha=HaServers(rabbit, pg),
+        )
+        return await asyncio.wait_for(run, RUN_BOUND_S)
+
+
 async def run_isolated(row: Row, workdir: Path, seed: int | None, queue_type: str = "classic") -> Report:
-    """A run with its own vhost and database, both removed afterwards."""
+    """A run with its own vhost and database, both removed afterwards (or its own servers)."""
+    if row.backend == "ha":
+        return await run_on(row, workdir, amqp_url="", database_url="", seed=seed)
     vhost = servers.new_vhost()
     db_name = await servers.create_database()
     try:
-        run = run_row(
+        return await run_on(
             row,
             workdir,
             amqp_url=servers.amqp_url(vhost),
@@ -268,7 +303,6 @@ async def run_isolated(row: Row, workdir: Path, seed: int | None, queue_type: st
             seed=seed,
             queue_type=queue_type,
         )
-        return await asyncio.wait_for(run, RUN_BOUND_S)
     finally:
         await servers.drop_database(db_name)
         servers.delete_vhost(vhost)
