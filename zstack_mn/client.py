@@ -164,8 +164,16 @@ class HttpTransport(ApiTransport):
             return self.session
         if self._logging_in is None or self._logging_in.done():
             self._logging_in = asyncio.get_running_loop().create_task(self._log_in(deadline))
-        async with asyncio.timeout_at(deadline):
-            return await asyncio.shield(self._logging_in)
+            self._logging_in.add_done_callback(lambda t: t.cancelled() or t.exception())
+        login = self._logging_in
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(login)
+        except TimeoutError:
+            failed = login.exception() if login.done() and not login.cancelled() else None
+            if isinstance(failed, ZStackError):
+                raise failed from None
+            raise ZStackError(ErrorCode.TIMEOUT, "no node let this client log in within its deadline") from None
 
     async def _log_in(self, deadline: float) -> str:
         from zstack_mn.web.zstack.catalog import BY_NAME  # late imports: these build on this module

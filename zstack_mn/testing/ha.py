@@ -180,6 +180,30 @@ def open_path_for(path: Path, uid: int) -> None:
             parent.chmod(stat.S_IMODE(info.st_mode) | stat.S_IXOTH)
 
 
+class _Servers:
+    """Servers started by ``async with`` and stopped when it ends, also when starting fails
+    half-way (``close`` stops whatever did start)."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
 @dataclass
 class RabbitMember:
     """One ``rabbitmq-server`` of the cluster: its node name, ports, directory, and the wrapper
@@ -243,7 +267,7 @@ class RabbitMember:
         await wait_until(gone, timeout, f"{self.node} gone", 0.05)
 
 
-class RabbitCluster:
+class RabbitCluster(_Servers):
     """``size`` RabbitMQ nodes ``<prefix>-<i>@localhost`` (i from 1) clustered with ``join_cluster``
     to the first, plugins (management included) off, each listening only on 127.0.0.1. Indexes of
     the methods are 0-based. With ``base_port`` the AMQP ports are ``base_port + i`` and the
@@ -272,19 +296,6 @@ class RabbitCluster:
             RabbitMember(i, f"{self.prefix}-{i + 1}@localhost", ports[i], ports[size + i], self.root / f"n{i + 1}")
             for i in range(size)
         ]
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @property
     def urls(self) -> list[str]:
@@ -527,7 +538,7 @@ class PgNode:
         return pid_alive(pid) and str(self.data).encode() in cmdline
 
 
-class PgPair:
+class PgPair(_Servers):
     """A PostgreSQL 15 primary and a streaming standby (``pg_basebackup -R``) on 127.0.0.1, trust
     auth, no Unix sockets, run as the ``postgres`` OS user when we are root (PostgreSQL refuses
     root). With ``synchronous`` (the default) a commit on the primary returns only once the
@@ -553,19 +564,6 @@ class PgPair:
         ports = pick_ports(2, base_port)
         self.nodes = [PgNode(f"pg{i + 1}", ports[i], self.root / f"pg{i + 1}") for i in range(2)]
         self._primary = 0
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     @property
     def primary(self) -> PgNode:
