@@ -5,6 +5,7 @@ RabbitMQ refuses there (540 would cut the rescuer's connection)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -74,3 +75,27 @@ async def test_rescue_empties_and_deletes_a_quorum_queue(quorum: AmqpTransport, 
     await quorum.declare(topology.api_queue, QueueKind.SHARED)
     await quorum.publish(topology.api_queue, b"after", message_id="after")  # the connection lives on
     assert await quorum.queue_status(topology.api_queue) == (1, 0)
+
+
+async def test_nodes_declaring_the_same_new_quorum_queues_at_once_all_start(amqp_url: str) -> None:
+    """Three nodes starting together declare one new quorum API queue and dead-letter queue at
+    the same moment; RabbitMQ 3.10 may cut one of them with INTERNAL_ERROR, which must cost a
+    retry, not the node."""
+    for _ in range(3):
+        topology = Topology(f"q{uuid.uuid4().hex[:8]}")
+        made = [
+            AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name=f"race{i}", queue_type="quorum")
+            for i in range(3)
+        ]
+
+        async def start(t: AmqpTransport, api_queue: str = topology.api_queue) -> None:
+            await t.start()
+            await t.declare(api_queue, QueueKind.SHARED)
+
+        try:
+            await asyncio.gather(*(start(t) for t in made))
+            for t in made:
+                assert await t.queue_status(topology.api_queue) is not None
+        finally:
+            for t in made:
+                await t.close()

@@ -29,7 +29,7 @@ from zstack_mn.messages.api import APIAddHostMsg, APIQueryVmInstanceMsg, APIStop
 from zstack_mn.messages.ids import SESSION_HEADER
 from zstack_mn.node import Node
 from zstack_mn.testing.cluster import free_port
-from zstack_mn.web.zstack import builtins
+from zstack_mn.web.zstack import builtins, sessions
 from zstack_mn.web.zstack.catalog import APIS, BY_NAME, Context
 from zstack_mn.web.zstack.conditions import Op, QuerySpec, parse_rest_condition
 from zstack_mn.web.zstack.jobs import MAX_ATTEMPTS, request_id_of
@@ -521,3 +521,25 @@ def test_add_kvm_host_takes_one_address_that_makes_a_valid_agent_url() -> None:
             add.build(params, ctx)
         assert err.value.code is ErrorCode.INVALID_ARGUMENT
         assert err.value.details["field"] == field, params
+
+
+async def test_a_session_ended_elsewhere_is_refused_once_its_trust_runs_out(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node trusts a session it found live for RECHECK_S, then reads it again: a logout served by
+    another node (here: the row deleted behind this node's back) takes effect by then."""
+    monkeypatch.setattr(sessions, "RECHECK_S", 0.2)
+    c = RestClient(node.http_url)
+    try:
+        await c.login()
+        session = c.session_id or ""
+        guard = zapi_of(node).guard
+        assert (await guard.require(session)).uuid == session
+        await AccountRepository(zapi_of(node).portal.ctx.db).close_session(session)
+        assert (await guard.require(session)).uuid == session, "trusted from memory until RECHECK_S"
+        await asyncio.sleep(0.3)
+        with pytest.raises(ZStackError) as err:
+            await guard.require(session)
+        assert err.value.code is ErrorCode.INVALID_SESSION
+    finally:
+        await c.close()

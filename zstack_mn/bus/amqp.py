@@ -57,6 +57,8 @@ from zstack_mn.config import split_urls
 
 log = structlog.get_logger(__name__)
 
+DECLARE_ATTEMPTS = 5
+
 _DOWN_ERRORS = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
@@ -184,12 +186,10 @@ class AmqpTransport(Transport):
         dlx = await self._publish_channel.declare_exchange(
             self.topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
+        channel = self._publish_channel
         name = self.topology.dead_letter_queue
         args: dict[str, Any] = {"x-max-length": DEAD_LETTER_MAX_LENGTH, **self._type_arguments()}
-        try:
-            queue = await self._publish_channel.declare_queue(name, durable=True, arguments=args)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            raise self._mismatch(name, exc) from None
+        queue = await self._declaring(name, lambda: channel.declare_queue(name, durable=True, arguments=args))
         await queue.bind(dlx)
 
     def _type_arguments(self) -> dict[str, Any]:
@@ -210,28 +210,47 @@ class AmqpTransport(Transport):
             f"queue {queue} exists on the broker with other arguments than this node declares "
             f"(queue_type={self.queue_type}): {exc}. Every node of a cluster needs the same "
             "ZSTACK_MN_QUEUE_TYPE; to change it, stop every node and delete the cluster's queues "
-            "(README: Broker HA)"
+            "(README: No single broker, no single database)"
         )
 
     async def declare(self, queue: str, kind: QueueKind) -> None:
-        conn = self._require()
-        channel = self._consumer_channels.get(queue)
-        if channel is None:
-            channel = await conn.channel(publisher_confirms=False)
-            self._consumer_channels[queue] = channel
         private = kind is QueueKind.PRIVATE
-        try:
-            self._queues[queue] = await channel.declare_queue(
-                queue,
-                durable=not private,
-                exclusive=private,
-                auto_delete=private,
-                arguments=self._arguments(kind),
+
+        async def declare_once() -> AbstractQueue:
+            channel = self._consumer_channels.get(queue)
+            if channel is None or channel.is_closed:
+                channel = await self._require().channel(publisher_confirms=False)
+                self._consumer_channels[queue] = channel
+            return await channel.declare_queue(
+                queue, durable=not private, exclusive=private, auto_delete=private, arguments=self._arguments(kind)
             )
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            self._consumer_channels.pop(queue, None)
-            raise self._mismatch(queue, exc) from None
+
+        self._queues[queue] = await self._declaring(queue, declare_once)
         self._kinds[queue] = kind
+
+    async def _declaring(self, queue: str, declare: Callable[[], Awaitable[AbstractQueue]]) -> AbstractQueue:
+        """``declare()``, again after the broker cut the connection with INTERNAL_ERROR (541),
+        which RabbitMQ 3.10 does when several nodes declare one new quorum queue at once (seen
+        when three nodes start together): the robust connection comes back and the queue is
+        declared again, up to DECLARE_ATTEMPTS times. Other arguments than the queue has: the
+        configuration error QueueMismatch."""
+        delay = 0.5
+        for attempt in range(DECLARE_ATTEMPTS):
+            try:
+                return await declare()
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                self._consumer_channels.pop(queue, None)
+                raise self._mismatch(queue, exc) from None
+            except aiormq.exceptions.ConnectionInternalError as exc:
+                self._consumer_channels.pop(queue, None)
+                if attempt == DECLARE_ATTEMPTS - 1:
+                    raise TransportDown(f"cannot declare {queue}: {exc}") from exc
+                log.warning("the broker cut a queue declaration; declaring again", queue=queue, error=str(exc))
+                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._require().connected.wait(), self.publish_timeout)
+                delay = min(delay * 2, 4.0)
+        raise AssertionError("unreachable")
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int) -> None:
         q = self._queues.get(queue)

@@ -146,7 +146,8 @@ class SessionGuard:
         now = time.monotonic()
         if self._ended and self._ended.get(key, 0.0) > now:
             return session  # read before a logout here finished: answered once, never remembered
-        self._ended = {k: until for k, until in self._ended.items() if until > now} if self._ended else self._ended
+        if self._ended:
+            self._ended = {k: until for k, until in self._ended.items() if until > now}
         if len(self._live) >= CACHED_SESSIONS:
             self._live.clear()
         trust = RECHECK_S if session.seconds_left is None else min(RECHECK_S, session.seconds_left)
