@@ -42,3 +42,9 @@ async def test_a_black_holed_first_host_costs_one_deadline_not_all(pg_database: 
     finally:
         await db.close()
         hole.close()
+
+
+def test_a_parameter_the_connector_would_drop_is_refused() -> None:
+    url = make_url("postgresql+asyncpg://u@/db?host=a:1&host=b:2&application_name=x")
+    with pytest.raises(ValueError, match="application_name"):
+        writable_connector(url, 1.0, {})

@@ -237,12 +237,18 @@ class AmqpTransport(Transport):
         delay = 0.5
         for attempt in range(DECLARE_ATTEMPTS):
             try:
-                return await declare()
+                return await asyncio.wait_for(declare(), self.publish_timeout)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 self._consumer_channels.pop(queue, None)
                 raise self._mismatch(queue, exc) from None
-            except aiormq.exceptions.ConnectionInternalError as exc:
-                self._consumer_channels.pop(queue, None)
+            except (
+                aiormq.exceptions.ConnectionInternalError,
+                RuntimeError,
+                TimeoutError,
+            ) as exc:  # RuntimeError: not reopened yet
+                stale = self._consumer_channels.pop(queue, None)
+                if stale is not None:
+                    await _close_quietly(stale)
                 if attempt == DECLARE_ATTEMPTS - 1:
                     raise TransportDown(f"cannot declare {queue}: {exc}") from exc
                 log.warning("the broker cut a queue declaration; declaring again", queue=queue, error=str(exc))
@@ -393,14 +399,15 @@ class AmqpTransport(Transport):
             self._queues.pop(queue, None)
 
     async def _delete_quorum_if_empty(self, queue: str) -> bool:
-        """A quorum queue found empty and unused, then again a round trip later, is deleted (a
-        plain delete: RabbitMQ has no if-empty for quorum queues)."""
+        """A quorum queue found empty, then again a round trip later, is deleted (a plain delete:
+        RabbitMQ has no if-empty for quorum queues; whether consumers may remain is the caller's
+        decision, as rescue checks them first)."""
         for _ in range(2):
             status = await self.queue_status(queue)
             if status is None:
                 self._queues.pop(queue, None)
                 return True
-            if status != (0, 0):
+            if status[0] != 0:
                 return False
         channel = await self._scratch_channel()
         try:
@@ -422,6 +429,8 @@ class AmqpTransport(Transport):
             return int(result.message_count or 0), int(result.consumer_count or 0)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
+        except _DOWN_ERRORS as exc:
+            raise TransportDown(f"cannot read the status of {queue}: {exc}") from exc
         finally:
             await _close_quietly(channel)
 

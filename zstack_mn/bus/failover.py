@@ -20,7 +20,8 @@ from yarl import URL
 
 class FailoverConnection(RobustConnection):
     """A ``RobustConnection`` that tries ``urls`` in turn, starting at ``first``. Connection
-    parameters in a URL's query string (heartbeat, ...) are read from the first URL only."""
+    parameters in a URL's query string (heartbeat, ...) are read from ``urls[first]`` only.
+    ``update_secret`` (not used here) would move on a URL: it reads ``url`` once more."""
 
     def __init__(self, urls: list[str], *, first: int = 0, **kwargs: Any) -> None:
         if not urls:

@@ -41,21 +41,34 @@ def writable_connector(
     hosts = hosts_of(url)
     if len(hosts) < 2:
         return None
+    unknown = set(url.query) - {"host", "target_session_attrs", "ssl", "sslmode"}
+    if unknown:
+        raise ValueError(f"database_url: {', '.join(sorted(unknown))} not supported with several hosts")
     target = str(url.query.get("target_session_attrs", DEFAULT_TARGET))
+    ssl = url.query.get("ssl") or url.query.get("sslmode")
     base = {
         "user": url.username,
         "password": url.password,
         "database": url.database,
         "target_session_attrs": target,
+        **({"ssl": str(ssl)} if ssl else {}),
         **{k: v for k, v in connect_args.items() if k != "timeout"},
     }
+    last_good = [0]
+    """The host that answered last is tried first: after a fail-over a dead first host costs one
+    deadline once, not on every new connection."""
 
     async def connect() -> asyncpg.Connection:
         failures: list[str] = []
-        for host, port in hosts:
+        first = last_good[0]
+        for i in [*range(first, len(hosts)), *range(first)]:
+            host, port = hosts[i]
             try:
                 conn: asyncpg.Connection = await asyncpg.connect(host=host, port=port, timeout=per_host_timeout, **base)
+                last_good[0] = i
                 return conn
+            except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError):
+                raise  # a wrong user, password or database is a configuration error, not an outage
             except (
                 OSError,
                 TimeoutError,

@@ -285,6 +285,7 @@ async def _broker_member_kill(run: Run) -> None:
     assert run.ha is not None
     leader = await run.ha.rabbit.queue_leader(Topology(run.harness.queue_prefix).api_queue)
     run.measures["member"] = leader + 1
+    run.injected_at = time.monotonic()
     await run.ha.rabbit.kill(leader)
     await _until_every_vm_served(run)
     _nobody_hurt(run, "broker member")
@@ -299,6 +300,7 @@ async def _broker_member_stop(run: Run) -> None:
     run.measures["member"] = member + 1
     down = run.rng.uniform(1.0, 5.0)
     run.measures["down_s"] = round(down, 2)
+    run.injected_at = time.monotonic()
     await rabbit.stop_app(member)
     try:
         await asyncio.sleep(down)
@@ -328,20 +330,21 @@ async def _until_every_vm_served(run: Run, bound: float = 60.0) -> None:
 
 
 def every_vm_served_again_s(run: Run) -> float | None:
-    """The longest any VM waited to be served after the fault: per VM, from the first request
-    about it sent after the injection to the first one answered with success (the workload's own
-    pacing, how long until it picks a VM again, is left out); None if some VM never was."""
+    """The longest any VM waited to be served after the fault: per VM, from the injection (for a
+    request in flight then) or from the first request about it sent later, to the first success
+    answered after the injection; the workload's own pacing (how long until it picks a VM again)
+    is left out, and so are VMs it no longer asks about. None if a VM asked about never was."""
     asked: dict[str, float] = {}
     served: dict[str, float] = {}
     for op in sorted(run.history.ops, key=lambda o: o.sent):
-        if op.sent < run.injected_at:
+        if op.answered is not None and op.answered < run.injected_at:
             continue
-        asked.setdefault(op.vm, op.sent)
+        asked.setdefault(op.vm, max(op.sent, run.injected_at))
         if op.outcome == OK and op.answered is not None and op.vm not in served:
             served[op.vm] = op.answered
-    if not served or set(run.vms) - served.keys():
+    if not asked or asked.keys() - served.keys():
         return None
-    return max(served[vm] - asked[vm] for vm in run.vms)
+    return max(served[vm] - asked[vm] for vm in asked)
 
 
 async def _consumers_back(run: Run) -> bool:
