@@ -17,7 +17,8 @@ import asyncio
 import hashlib
 import uuid as uuidlib
 from abc import ABC, abstractmethod
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -54,6 +55,62 @@ from zstack_mn.messages.rest import ACTION_PATHS
 
 RETRYABLE_HTTP = {500, 502, 503, 504}
 SUSPECT_FOR = 15.0
+
+T = TypeVar("T")
+
+
+def password_digest(password: str) -> str:
+    """The password as ZStack's ``LogInByAccount`` takes it: its SHA-512 digest in hex."""
+    return hashlib.sha512(password.encode()).hexdigest()
+
+
+class SessionLogin:
+    """The ZStack session of one HTTP client, shared by its concurrent calls.
+
+    The first call that needs a session starts one login (``log_in(deadline)`` returns the new
+    session's uuid); every caller waits for that same login, each at most until its own deadline.
+    A call that finds its session expired (``INVALID_SESSION``) drops it and is tried once more
+    with a new one."""
+
+    def __init__(self, log_in: Callable[[float], Awaitable[str]]) -> None:
+        self._log_in = log_in
+        self.session: str | None = None
+        self._logging_in: asyncio.Task[str] | None = None
+
+    async def call(self, deadline: float, attempt: Callable[[str], Awaitable[T]]) -> T:
+        """``attempt(session)``, renewing the session once if the node says it ended."""
+        renewed = False
+        while True:
+            session = await self.current(deadline)
+            try:
+                return await attempt(session)
+            except ZStackError as err:
+                if err.code is not ErrorCode.INVALID_SESSION or renewed:
+                    raise
+                renewed = True
+                if self.session == session:
+                    self.session = None
+
+    async def current(self, deadline: float) -> str:
+        """The current session; without one, the login under way, or a new one."""
+        if self.session is not None:
+            return self.session
+        if self._logging_in is None or self._logging_in.done():
+            self._logging_in = asyncio.get_running_loop().create_task(self._logged_in(deadline))
+            self._logging_in.add_done_callback(lambda t: t.cancelled() or t.exception())
+        login = self._logging_in
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(login)
+        except TimeoutError:
+            failed = login.exception() if login.done() and not login.cancelled() else None
+            if isinstance(failed, ZStackError):
+                raise failed from None
+            raise ZStackError(ErrorCode.TIMEOUT, "no node let this client log in within its deadline") from None
+
+    async def _logged_in(self, deadline: float) -> str:
+        self.session = await self._log_in(deadline)
+        return self.session
 
 
 class ApiTransport(ABC):
@@ -121,9 +178,8 @@ class HttpTransport(ApiTransport):
         self.attempt_timeout = attempt_timeout
         self.urls = [u.rstrip("/") for u in urls]
         self.account = account
-        self._digest = hashlib.sha512(password.encode()).hexdigest()
-        self.session: str | None = None
-        self._logging_in: asyncio.Task[str] | None = None
+        self._digest = password_digest(password)
+        self.sessions = SessionLogin(self._log_in)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._next = 0
@@ -140,40 +196,15 @@ class HttpTransport(ApiTransport):
         if method != "GET":
             headers["Idempotency-Key"] = key or str(uuidlib.uuid4())
         deadline = asyncio.get_running_loop().time() + timeout
-        renewed = False
-        while True:
-            session = await self._session_for(deadline)
-            try:
-                return await self._exchange(
-                    method, path, data, query, {**headers, "Authorization": f"OAuth {session}"}, deadline
-                )
-            except ZStackError as err:
-                if err.code is not ErrorCode.INVALID_SESSION or renewed:
-                    raise
-                renewed = True
-                if self.session == session:
-                    self.session = None
+        return await self.sessions.call(
+            deadline,
+            lambda session: self._exchange(
+                method, path, data, query, {**headers, "Authorization": f"OAuth {session}"}, deadline
+            ),
+        )
 
     async def login(self, timeout: float = 30.0) -> str:
-        return await self._session_for(asyncio.get_running_loop().time() + timeout)
-
-    async def _session_for(self, deadline: float) -> str:
-        """The current session; without one, the login under way (one for all callers, each
-        waiting at most until its own deadline), or a new one."""
-        if self.session is not None:
-            return self.session
-        if self._logging_in is None or self._logging_in.done():
-            self._logging_in = asyncio.get_running_loop().create_task(self._log_in(deadline))
-            self._logging_in.add_done_callback(lambda t: t.cancelled() or t.exception())
-        login = self._logging_in
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await asyncio.shield(login)
-        except TimeoutError:
-            failed = login.exception() if login.done() and not login.cancelled() else None
-            if isinstance(failed, ZStackError):
-                raise failed from None
-            raise ZStackError(ErrorCode.TIMEOUT, "no node let this client log in within its deadline") from None
+        return await self.sessions.current(asyncio.get_running_loop().time() + timeout)
 
     async def _log_in(self, deadline: float) -> str:
         from zstack_mn.web.zstack.catalog import BY_NAME  # late imports: these build on this module
@@ -184,8 +215,7 @@ class HttpTransport(ApiTransport):
         login = {api.body_key: {"accountName": self.account, "password": self._digest}}
         headers = {"Content-Type": "application/json"}
         reply = await self._exchange(api.method, PREFIX + api.path, orjson.dumps(login), None, headers, deadline)
-        self.session = str(reply["inventory"]["uuid"])
-        return self.session
+        return str(reply["inventory"]["uuid"])
 
     async def _exchange(
         self,

@@ -15,13 +15,12 @@ poll goes on at whichever node answers. A session that expired is renewed by one
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid as uuidlib
 from typing import Any
 
 import httpx
 
-from zstack_mn.client import ApiTransport
+from zstack_mn.client import ApiTransport, SessionLogin, password_digest
 from zstack_mn.config import ZSTACK_ADMIN_ACCOUNT, ZSTACK_DEFAULT_PASSWORD
 from zstack_mn.messages import ErrorCode, Message, ZStackError
 from zstack_mn.messages.api import APIQueryHostMsg, APIQueryManagementNodeMsg, APIQueryVmInstanceMsg
@@ -84,9 +83,9 @@ class ZStackTransport(ApiTransport):
             raise ValueError("at least one node URL is needed")
         self.urls = [u.rstrip("/") for u in urls]
         self.account = account
-        self.digest = hashlib.sha512(password.encode()).hexdigest()
+        self.digest = password_digest(password)
         self.polling_interval = polling_interval
-        self.session: str | None = None
+        self.sessions = SessionLogin(self._log_in)
         self.last_handled_by: str | None = None
         self._next = 0
         self._http = httpx.AsyncClient(timeout=30)
@@ -96,20 +95,11 @@ class ZStackTransport(ApiTransport):
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout
-        renewed = False
-        while True:
-            try:
-                return await self._send(msg, key, deadline)
-            except ZStackError as err:
-                if err.code is not ErrorCode.INVALID_SESSION or renewed:
-                    raise
-                self.session, renewed = None, True
+        return await self.sessions.call(deadline, lambda session: self._send(msg, key, session, deadline))
 
-    async def _send(self, msg: Message, key: str | None, deadline: float) -> dict[str, Any]:
-        if self.session is None:
-            await self._login(deadline)
+    async def _send(self, msg: Message, key: str | None, session: str, deadline: float) -> dict[str, Any]:
         if type(msg) in _QUERIES:
-            return await self._query(msg, deadline)
+            return await self._query(msg, session, deadline)
         api = _BY_TARGET.get(type(msg))
         if api is None:
             raise ZStackError(ErrorCode.NO_HANDLER, f"{msg.type_name} has no ZStack API")
@@ -119,39 +109,39 @@ class ZStackTransport(ApiTransport):
             path = path.replace("{" + var + "}", str(params.pop(var)))
         headers = {"X-Job-UUID": job_uuid_for(key)}
         if api.body_key is None:
-            resp = await self._request(api.method, path, deadline, params=params, headers=headers)
+            resp = await self._request(api.method, path, deadline, session, params=params, headers=headers)
         else:
-            resp = await self._request(api.method, path, deadline, json={api.body_key: params}, headers=headers)
+            resp = await self._request(
+                api.method, path, deadline, session, json={api.body_key: params}, headers=headers
+            )
         if resp.status_code == 202:
-            return await self._poll(str(resp.json()["location"]), deadline)
+            return await self._poll(str(resp.json()["location"]), session, deadline)
         return self._body(resp)
 
     async def login(self, timeout: float = 30.0) -> str:
         """Log in now and return the session uuid (e.g. for ``Client.amqp(..., session=...)``)."""
-        await self._login(asyncio.get_running_loop().time() + timeout)
-        assert self.session is not None
-        return self.session
+        return await self.sessions.current(asyncio.get_running_loop().time() + timeout)
 
-    async def _login(self, deadline: float) -> None:
+    async def _log_in(self, deadline: float) -> str:
         login = BY_NAME["LogInByAccount"]
         body = {login.body_key: {"accountName": self.account, "password": self.digest}}
-        resp = await self._request(login.method, login.path, deadline, json=body, auth=False)
-        self.session = str(self._body(resp)["inventory"]["uuid"])
+        resp = await self._request(login.method, login.path, deadline, None, json=body)
+        return str(self._body(resp)["inventory"]["uuid"])
 
-    async def _query(self, msg: Message, deadline: float) -> dict[str, Any]:
+    async def _query(self, msg: Message, session: str, deadline: float) -> dict[str, Any]:
         name, fields = _QUERIES[type(msg)]
         wire = msg.to_wire()
         params: list[tuple[str, str]] = [
             ("q", f"{f}={_hex(wire[f]) if f in UUID_FIELDS else wire[f]}") for f in fields if wire.get(f) is not None
         ]
         params += [("limit", str(wire["limit"])), ("start", str(wire["start"])), ("replyWithCount", "true")]
-        return self._body(await self._request("GET", BY_NAME[name].path, deadline, params=params))
+        return self._body(await self._request("GET", BY_NAME[name].path, deadline, session, params=params))
 
-    async def _poll(self, location: str, deadline: float) -> dict[str, Any]:
+    async def _poll(self, location: str, session: str, deadline: float) -> dict[str, Any]:
         """Poll a job at its location, on whichever node answers."""
         path = location[location.index("/zstack/v1") + len("/zstack/v1") :]
         while True:
-            resp = await self._request("GET", path, deadline)
+            resp = await self._request("GET", path, deadline, session)
             if resp.status_code != 202:
                 return self._body(resp)
             if asyncio.get_running_loop().time() + self.polling_interval > deadline:
@@ -164,13 +154,12 @@ class ZStackTransport(ApiTransport):
         data: dict[str, Any] = resp.json() if resp.content else {}
         return data
 
-    async def _request(
-        self, method: str, path: str, deadline: float, *, auth: bool = True, **kw: Any
-    ) -> httpx.Response:
-        """One request, moving to the next URL when a node does not answer, until ``deadline``."""
+    async def _request(self, method: str, path: str, deadline: float, session: str | None, **kw: Any) -> httpx.Response:
+        """One request (with ``session``, unless None), moving to the next URL when a node does
+        not answer, until ``deadline``."""
         headers = dict(kw.pop("headers", None) or {})
-        if auth:
-            headers["Authorization"] = f"OAuth {self.session}"
+        if session is not None:
+            headers["Authorization"] = f"OAuth {session}"
         last: Exception | None = None
         delay = 0.05
         loop = asyncio.get_running_loop()

@@ -320,20 +320,14 @@ async def _db_failover(run: Run) -> None:
 
 
 async def _until_every_vm_served(run: Run, bound: float = 60.0) -> None:
-    """Wait (bounded) until every VM has had an operation succeed since the injection."""
-
-    def served() -> bool:
-        done = {op.vm for op in run.history.ops if op.outcome == OK and op.sent >= run.injected_at}
-        return set(run.vms) <= done
-
-    await run.wait_for(served, bound, "every VM served again")
+    """Wait (bounded) until every VM of the run has been served again since the injection."""
+    await run.wait_for(lambda: set(run.vms) <= _served_again(run)[1].keys(), bound, "every VM served again")
 
 
-def every_vm_served_again_s(run: Run) -> float | None:
-    """The longest any VM waited to be served after the fault: per VM, from the injection (for a
-    request in flight then) or from the first request about it sent later, to the first success
-    answered after the injection; the workload's own pacing (how long until it picks a VM again)
-    is left out, and so are VMs it no longer asks about. None if a VM asked about never was."""
+def _served_again(run: Run) -> tuple[dict[str, float], dict[str, float]]:
+    """(asked, served) after the fault, by VM: when it was first asked about (the injection, for
+    a request in flight then, or the first request sent later) and when a request about it first
+    succeeded with an answer given after the injection."""
     asked: dict[str, float] = {}
     served: dict[str, float] = {}
     for op in sorted(run.history.ops, key=lambda o: o.sent):
@@ -342,6 +336,14 @@ def every_vm_served_again_s(run: Run) -> float | None:
         asked.setdefault(op.vm, max(op.sent, run.injected_at))
         if op.outcome == OK and op.answered is not None and op.vm not in served:
             served[op.vm] = op.answered
+    return asked, served
+
+
+def every_vm_served_again_s(run: Run) -> float | None:
+    """The longest any VM waited to be served after the fault (see ``_served_again``); the
+    workload's own pacing (how long until it picks a VM again) is left out, and so are VMs it no
+    longer asks about. None if a VM asked about never was."""
+    asked, served = _served_again(run)
     if not asked or asked.keys() - served.keys():
         return None
     return max(served[vm] - asked[vm] for vm in asked)

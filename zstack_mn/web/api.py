@@ -180,7 +180,6 @@ def create_app(
         return error_response(ZStackError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
 
     app.add_middleware(Gate, limit=MAX_BODY_BYTES, guard=guard)
-    mount_zstack_api(app, portal, guard)
 
     async def answer(msg: Message, key: str | None) -> tuple[dict[str, Any], str]:
         request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
@@ -301,6 +300,9 @@ def create_app(
     async def metrics() -> Response:
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
+    # After the plain API's routes: Starlette tries routes in order, and the VM and host
+    # operations are the calls a node serves most.
+    mount_zstack_api(app, portal, guard)
     app.state.started = time.time()
     return app
 
