@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
+from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database
 from zstack_mn.db.pg_hosts import hosts_of, writable_connector
 from zstack_mn.testing import servers
@@ -20,6 +22,26 @@ def test_hosts_of_reads_every_host_parameter_in_order() -> None:
     url = make_url("postgresql+asyncpg://u@/db?host=10.0.0.1:5433&host=db2&target_session_attrs=read-write")
     assert hosts_of(url) == [("10.0.0.1", 5433), ("db2", 5432)]
     assert writable_connector(make_url("postgresql+asyncpg://u@h:5432/db"), 1.0, {}) is None
+
+
+def test_hosts_of_reads_v6_addresses_in_brackets() -> None:
+    url = make_url("postgresql+asyncpg://u@/db?host=[fd00::1]:5433&host=[fd00::2]&host=fd00::3")
+    assert hosts_of(url) == [("fd00::1", 5433), ("fd00::2", 5432), ("fd00::3", 5432)]
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("host=a:x&host=b", "'a:x'"),
+        ("host=[fd00::1]x&host=b", "'[fd00::1]x'"),
+        ("host=a&host=b&connect_timeout=3", "connect_timeout"),
+    ],
+)
+def test_a_database_url_the_node_cannot_use_is_refused_at_start_naming_it(query: str, named: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(database_url=f"postgresql://u@/db?{query}")
+    assert "database_url" in str(err.value)
+    assert named in str(err.value)
 
 
 @pytest.mark.integration

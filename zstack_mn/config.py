@@ -104,6 +104,16 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _check_database_hosts(self) -> Settings:
+        from sqlalchemy.engine import make_url  # late: the settings load before the database layer
+
+        from zstack_mn.db.pg_hosts import checked_hosts
+
+        if self.database_url.startswith(("postgresql", "postgres:")):
+            checked_hosts(make_url(self.database_url))
+        return self
+
+    @model_validator(mode="after")
     def _check_admin_password(self) -> Settings:
         if (
             not self.is_embedded

@@ -23,14 +23,39 @@ DEFAULT_TARGET = "read-write"
 
 
 def hosts_of(url: URL) -> list[tuple[str, int]]:
-    """The (host, port) pairs of a URL's ``host`` query parameters, in order."""
+    """The (host, port) pairs of a URL's ``host`` query parameters, in order: ``name``,
+    ``name:port``, ``[v6 address]`` or ``[v6 address]:port`` (a bare v6 address takes the default
+    port)."""
     given = url.query.get("host", ())
     listed = [given] if isinstance(given, str) else list(given)
-    pairs = []
-    for entry in listed:
-        host, _, port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        pairs.append((host, int(port) if port else (url.port or DEFAULT_PORT)))
-    return pairs
+    default = url.port or DEFAULT_PORT
+    return [_host_port(entry, default) for entry in listed]
+
+
+def checked_hosts(url: URL) -> list[tuple[str, int]]:
+    """``hosts_of(url)``, refusing (``ValueError`` naming ``database_url``) a host that does not
+    parse and, with several hosts, a query parameter the connector would not pass on."""
+    hosts = hosts_of(url)
+    unknown = set(url.query) - {"host", "target_session_attrs", "ssl", "sslmode"}
+    if len(hosts) > 1 and unknown:
+        raise ValueError(f"database_url: {', '.join(sorted(unknown))} not supported with several hosts")
+    return hosts
+
+
+def _host_port(entry: str, default: int) -> tuple[str, int]:
+    if entry.startswith("["):
+        address, _, rest = entry[1:].partition("]")
+        if not rest:
+            return address, default
+        if not rest.startswith(":") or not rest[1:].isdigit():
+            raise ValueError(f"database_url: host {entry!r} is not [address]:port")
+        return address, int(rest[1:])
+    if entry.count(":") != 1:
+        return entry, default
+    host, _, port = entry.partition(":")
+    if not port.isdigit():
+        raise ValueError(f"database_url: host {entry!r} has a port that is not a number")
+    return host, int(port)
 
 
 def writable_connector(
@@ -38,12 +63,9 @@ def writable_connector(
 ) -> Callable[[], Awaitable[asyncpg.Connection]] | None:
     """An ``async_creator`` for SQLAlchemy when ``url`` names several hosts; None otherwise (the
     driver's own connect is then as good)."""
-    hosts = hosts_of(url)
+    hosts = checked_hosts(url)
     if len(hosts) < 2:
         return None
-    unknown = set(url.query) - {"host", "target_session_attrs", "ssl", "sslmode"}
-    if unknown:
-        raise ValueError(f"database_url: {', '.join(sorted(unknown))} not supported with several hosts")
     target = str(url.query.get("target_session_attrs", DEFAULT_TARGET))
     ssl = url.query.get("ssl") or url.query.get("sslmode")
     base = {
