@@ -96,3 +96,33 @@ async def test_a_publish_the_broker_refuses_is_a_retryable_error(amqp_url: str, 
     finally:
         await admin.close()
         await transport.close()
+
+
+async def test_a_publish_failed_by_a_channel_closed_without_a_reason_is_a_retryable_error(
+    amqp_url: str, topology: Topology, monkeypatch: pytest.MonkeyPatch
+):
+    """aiormq fails what is in flight on a channel that closes without a reason with a bare
+    ``Exception``: the transport raises TransportDown (the bus's retryable BUS_UNAVAILABLE), not
+    an error the API would answer as INTERNAL_ERROR; any other error is left as it is."""
+    transport = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name="test-reasonless")
+    await transport.start()
+    try:
+        channel = transport._publish_channel
+        assert channel is not None
+        underlay = await channel.get_underlay_channel()
+
+        async def rejected_without_reason(*_: Any, **__: Any) -> None:
+            raise Exception
+
+        monkeypatch.setattr(underlay, "basic_publish", rejected_without_reason)
+        with pytest.raises(TransportDown, match="closed while"):
+            await transport.publish("any-queue", b"{}", message_id="in-flight")
+
+        async def a_bug(*_: Any, **__: Any) -> None:
+            raise KeyError("a bug, not an outage")
+
+        monkeypatch.setattr(underlay, "basic_publish", a_bug)
+        with pytest.raises(KeyError):
+            await transport.publish("any-queue", b"{}", message_id="buggy")
+    finally:
+        await transport.close()

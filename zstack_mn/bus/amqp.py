@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -284,11 +284,12 @@ class AmqpTransport(Transport):
             except Exception as exc:
                 if not isinstance(exc, RejectMessage):
                     log.exception("handler failed; message dead-lettered", queue=queue)
-                with contextlib.suppress(*_DOWN_ERRORS):
+                with contextlib.suppress(*_DOWN_ERRORS), _reasonless_as_down():
                     await message.reject(requeue=False)
                 return
             try:
-                await message.ack()
+                with _reasonless_as_down():
+                    await message.ack()
             except _DOWN_ERRORS:
                 log.warning("ack lost with the connection; the broker will redeliver", queue=queue)
 
@@ -439,6 +440,19 @@ class AmqpTransport(Transport):
             await _close_quietly(channel)
 
 
+@contextlib.contextmanager
+def _reasonless_as_down() -> Iterator[None]:
+    """aiormq fails what is in flight on a channel or connection that closes without a reason
+    with a bare ``Exception`` (a fault run that killed a cluster member got one call answered
+    INTERNAL_ERROR from it); that is a broker outage like any other, a retryable error."""
+    try:
+        yield
+    except Exception as exc:
+        if type(exc) is Exception:
+            raise ConnectionResetError(f"the broker channel closed while this was in flight: {exc!r}") from exc
+        raise
+
+
 async def _publish(
     channel: AbstractChannel,
     exchange: str,
@@ -454,10 +468,11 @@ async def _publish(
     ``DeliveryError``), since they come from the channel."""
     if channel.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} is closed")
-    underlay = await channel.get_underlay_channel()
-    await underlay.basic_publish(
-        body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
-    )
+    with _reasonless_as_down():
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_publish(
+            body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
+        )
 
 
 async def _close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:
