@@ -220,14 +220,17 @@ def _b7(b: dict[str, Any]) -> list[str]:
     lines = [
         "## B7 — N VM operations at once on 1 node, slow agent (AMQP client)",
         "",
-        "| N | L s | wall s | target wall s (2·L + N ÷ rate) | failed | max in flight | RSS before MiB | RSS growth MiB "
-        f"| KiB per in-flight (target ≤ {target_kib:.0f}) | KiB per operation | wall · failed · RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | L s | wall s | target wall s (2·L + N ÷ rate) | same formula, api.portal rate | failed | max in flight "
+        f"| RSS before MiB | RSS growth MiB | KiB per in-flight (target ≤ {target_kib:.0f}) | KiB per operation "
+        "| wall · failed · RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in b["rows"]:
         met = r["met"]
+        same_path = r.get("targetWallSamePathS")
         lines.append(
-            f"| {r['n']} | {r['latencyS']:g} | **{r['wallS']:.1f}** | {r['targetWallS']:.1f} | {r['failed']} "
+            f"| {r['n']} | {r['latencyS']:g} | **{r['wallS']:.1f}** | {r['targetWallS']:.1f} | "
+            f"{'—' if same_path is None else f'{same_path:.1f}'} | {r['failed']} "
             f"({codes(r['errorCodes'])}) | {r['maxInFlight']} | {r['rssBeforeMiB']:.0f} | {r['rssGrowthMiB']:.1f} | "
             f"{_kib(r['rssBytesPerInFlight'])} | {_kib(r['rssBytesPerOperation'])} | "
             f"{verdict(met['wall'])} · {verdict(met['failed'])} · {verdict(met['rss'])} |"
@@ -237,11 +240,18 @@ def _b7(b: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"rate (1-node HTTP start/stop, c=16): {rates}. Node settings: {env}. In flight: the node's "
-        "`zstack_messages_in_flight` gauge (messages being handled, API and VM service together).",
+        "`zstack_messages_in_flight` gauge (messages being handled, API and VM service together). "
+        "B7 sends through `api.portal`; the column beside the target puts that path's own B2 rate "
+        f"(1 node, c=256: {_rate(b.get('amqpRate'))}) in the same formula (for comparison; the target stays "
+        "the HTTP one).",
         "",
     ]
     errors = samples(b["rows"])
     return [*lines, "First error of each code:", "", *errors, ""] if errors else lines
+
+
+def _rate(value: float | None) -> str:
+    return "B2 not run" if value is None else f"{value:.0f} ops/s"
 
 
 def _seconds(value: float | None) -> str:
