@@ -13,7 +13,7 @@ import pytest
 
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.topology import DELIVERY_LIMIT, Topology
-from zstack_mn.bus.transport import QueueKind, QueueMismatch
+from zstack_mn.bus.transport import Delivery, QueueKind, QueueMismatch
 from zstack_mn.testing import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -79,8 +79,13 @@ async def test_rescue_empties_and_deletes_a_quorum_queue(quorum: AmqpTransport, 
 
 async def test_nodes_declaring_the_same_new_quorum_queues_at_once_all_start(amqp_url: str) -> None:
     """Three nodes starting together declare one new quorum API queue and dead-letter queue at
-    the same moment; RabbitMQ 3.10 may cut one of them with INTERNAL_ERROR, which must cost a
-    retry, not the node."""
+    the same moment; RabbitMQ 3.10 may cut one of them with INTERNAL_ERROR, and whatever else
+    that connection had in flight (a consume, a bind) fails with it: that must cost a retry, not
+    the node."""
+
+    async def ignore(_: Delivery) -> None:
+        return None
+
     for _ in range(3):
         topology = Topology(f"q{uuid.uuid4().hex[:8]}")
         made = [
@@ -88,9 +93,14 @@ async def test_nodes_declaring_the_same_new_quorum_queues_at_once_all_start(amqp
             for i in range(3)
         ]
 
-        async def start(t: AmqpTransport, api_queue: str = topology.api_queue) -> None:
+        async def start(t: AmqpTransport, names: Topology = topology) -> None:
             await t.start()
-            await t.declare(api_queue, QueueKind.SHARED)
+            await t.declare(names.api_queue, QueueKind.SHARED)
+            await t.consume(names.api_queue, ignore, prefetch=10)
+            events = f"{names.api_queue}.events.{uuid.uuid4().hex[:6]}"
+            await t.declare(events, QueueKind.PRIVATE)
+            await t.bind(events, names.event_exchange, "vm.#")
+            await t.consume(events, ignore, prefetch=1)
 
         try:
             await asyncio.gather(*(start(t) for t in made))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -57,10 +57,19 @@ from zstack_mn.config import split_urls
 
 log = structlog.get_logger(__name__)
 
-DECLARE_ATTEMPTS = 5
+CUT_ATTEMPTS = 5
+T = TypeVar("T")
 NOT_PERSISTENT = 1
 """AMQP delivery mode 1, aio-pika's default, which the bus always sent. A quorum queue keeps every
 message in its replicated log whatever the mode."""
+
+_CUT_ERRORS = (
+    aiormq.exceptions.ConnectionInternalError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    RuntimeError,  # aio-pika: the connection is closed and not reopened yet
+    TimeoutError,
+)
+"""What a start-up step gets when the broker cuts its connection (or it is not back yet)."""
 
 _DOWN_ERRORS = (
     aiormq.exceptions.AMQPConnectionError,
@@ -186,14 +195,17 @@ class AmqpTransport(Transport):
 
     async def _declare_dead_letters(self) -> None:
         assert self._publish_channel is not None
-        dlx = await self._publish_channel.declare_exchange(
-            self.topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
-        )
         channel = self._publish_channel
+        dlx = await self._surviving_cut(
+            "declare the dead-letter exchange",
+            lambda: channel.declare_exchange(
+                self.topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+            ),
+        )
         name = self.topology.dead_letter_queue
         args: dict[str, Any] = {"x-max-length": DEAD_LETTER_MAX_LENGTH, **self._type_arguments()}
         queue = await self._declaring(name, lambda: channel.declare_queue(name, durable=True, arguments=args))
-        await queue.bind(dlx)
+        await self._surviving_cut(f"bind {name}", lambda: queue.bind(dlx))
 
     def _type_arguments(self) -> dict[str, Any]:
         if self.queue_type == "quorum":
@@ -232,29 +244,39 @@ class AmqpTransport(Transport):
         self._kinds[queue] = kind
 
     async def _declaring(self, queue: str, declare: Callable[[], Awaitable[AbstractQueue]]) -> AbstractQueue:
-        """``declare()``, again after the broker cut the connection with INTERNAL_ERROR (541),
-        which RabbitMQ 3.10 does when several nodes declare one new quorum queue at once (seen
-        when three nodes start together): the robust connection comes back and the queue is
-        declared again, up to DECLARE_ATTEMPTS times. Other arguments than the queue has: the
-        configuration error QueueMismatch."""
-        delay = 0.5
-        for attempt in range(DECLARE_ATTEMPTS):
+        """``declare()``, surviving a connection cut (``_surviving_cut``); other arguments than
+        the queue has are the configuration error QueueMismatch."""
+
+        async def declare_or_mismatch() -> AbstractQueue:
             try:
-                return await asyncio.wait_for(declare(), self.publish_timeout)
+                return await declare()
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 self._consumer_channels.pop(queue, None)
                 raise self._mismatch(queue, exc) from None
-            except (
-                aiormq.exceptions.ConnectionInternalError,
-                RuntimeError,
-                TimeoutError,
-            ) as exc:  # RuntimeError: not reopened yet
+            except _CUT_ERRORS:
                 stale = self._consumer_channels.pop(queue, None)
                 if stale is not None:
                     await _close_quietly(stale)
-                if attempt == DECLARE_ATTEMPTS - 1:
-                    raise TransportDown(f"cannot declare {queue}: {exc}") from exc
-                log.warning("the broker cut a queue declaration; declaring again", queue=queue, error=str(exc))
+                raise
+
+        return await self._surviving_cut(f"declare {queue}", declare_or_mismatch)
+
+    async def _surviving_cut(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """``op()``, again once the robust connection is back when the broker cut the connection
+        under it, up to CUT_ATTEMPTS times; each attempt within ``publish_timeout``. RabbitMQ 3.10
+        closes a connection with INTERNAL_ERROR (541) when several nodes declare one new quorum
+        queue at once (seen when three nodes start together), and whatever else that connection
+        had in flight (a bind, a consume) fails with it."""
+        delay = 0.5
+        for attempt in range(CUT_ATTEMPTS):
+            try:
+                return await asyncio.wait_for(op(), self.publish_timeout)
+            except _CUT_ERRORS as exc:
+                if attempt == CUT_ATTEMPTS - 1:
+                    raise TransportDown(f"cannot {what}: {type(exc).__name__} {exc}") from exc
+                log.warning(
+                    "the broker cut the connection under a start-up step; trying again", step=what, error=str(exc)
+                )
                 await asyncio.sleep(delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._require().connected.wait(), self.publish_timeout)
@@ -265,7 +287,7 @@ class AmqpTransport(Transport):
         q = self._queues.get(queue)
         if q is None:
             raise NoRouteError(queue)
-        await q.channel.set_qos(prefetch_count=prefetch)
+        await self._surviving_cut(f"set the prefetch of {queue}", lambda: q.channel.set_qos(prefetch_count=prefetch))
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             delivery = Delivery(
@@ -293,7 +315,7 @@ class AmqpTransport(Transport):
             except _DOWN_ERRORS:
                 log.warning("ack lost with the connection; the broker will redeliver", queue=queue)
 
-        self._consumer_tags[queue] = await q.consume(on_message)
+        self._consumer_tags[queue] = await self._surviving_cut(f"consume {queue}", lambda: q.consume(on_message))
 
     async def stop_consuming(self, queue: str) -> None:
         tag = self._consumer_tags.pop(queue, None)
@@ -355,8 +377,11 @@ class AmqpTransport(Transport):
         q = self._queues.get(queue)
         if q is None:
             raise NoRouteError(queue)
-        ex = await q.channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-        await q.bind(ex, routing_key=pattern)
+        ex = await self._surviving_cut(
+            f"declare {exchange}",
+            lambda: q.channel.declare_exchange(exchange, aio_pika.ExchangeType.TOPIC, durable=True),
+        )
+        await self._surviving_cut(f"bind {queue} to {pattern}", lambda: q.bind(ex, routing_key=pattern))
 
     async def _scratch_channel(self) -> AbstractChannel:
         return await asyncio.wait_for(self._require().channel(publisher_confirms=False), self.publish_timeout)
