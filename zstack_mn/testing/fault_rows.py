@@ -331,8 +331,8 @@ def _served_again(run: Run) -> tuple[dict[str, float], dict[str, float]]:
     asked: dict[str, float] = {}
     served: dict[str, float] = {}
     for op in sorted(run.history.ops, key=lambda o: o.sent):
-        if op.answered is not None and op.answered < run.injected_at:
-            continue
+        if not op.vm or (op.answered is not None and op.answered < run.injected_at):
+            continue  # a create that failed names no VM
         asked.setdefault(op.vm, max(op.sent, run.injected_at))
         if op.outcome == OK and op.answered is not None and op.vm not in served:
             served[op.vm] = op.answered

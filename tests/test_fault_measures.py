@@ -1,0 +1,39 @@
+"""The fault rows' "every VM served again" measure, on hand-made histories."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+from zstack_mn.testing.fault_rows import Run, every_vm_served_again_s
+from zstack_mn.testing.history import ERROR, OK, Op
+
+FAULT = 100.0
+
+
+def _run(*ops: Op) -> Run:
+    return cast(Run, SimpleNamespace(history=SimpleNamespace(ops=list(ops)), injected_at=FAULT))
+
+
+def _op(seq: int, vm: str, sent: float, answered: float | None, outcome: str = OK, **kw: Any) -> Op:
+    return Op(seq, 0, "stop", vm, f"k{seq}", sent, answered, outcome, **kw)
+
+
+def test_each_vm_counts_from_the_fault_or_its_first_request_after_it_to_its_first_success() -> None:
+    run = _run(
+        _op(1, "a", 99.0, 99.5),  # answered before the fault: not counted
+        _op(2, "a", 99.8, 101.5, outcome=ERROR),  # in flight at the fault: a waits from 100
+        _op(3, "a", 101.6, 102.0),  # a served 2.0 s after the fault
+        _op(4, "b", 103.0, 103.4),  # b first asked 3 s later: served 0.4 s after it asked
+    )
+    assert every_vm_served_again_s(run) == 2.0
+
+
+def test_a_failed_create_that_names_no_vm_is_not_a_vm_left_unserved() -> None:
+    run = _run(_op(1, "", 100.5, 100.6, outcome=ERROR), _op(2, "a", 100.2, 100.9))
+    assert every_vm_served_again_s(run) is not None
+
+
+def test_a_vm_asked_about_and_never_served_leaves_no_figure() -> None:
+    run = _run(_op(1, "a", 100.5, 100.6), _op(2, "b", 100.5, 101.0, outcome=ERROR))
+    assert every_vm_served_again_s(run) is None
