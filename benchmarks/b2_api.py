@@ -28,7 +28,8 @@ from zstack_mn.testing.cluster import ClusterHarness, free_port, spawn, wait_htt
 CONCURRENCY = (1, 16, 64, 256)
 NODE_COUNTS = (1, 3)
 QUORUM_PATH = "HTTP, quorum queues"
-PATHS = ("HTTP", "AMQP api.portal", QUORUM_PATH)
+AMQP_PATH = "AMQP api.portal"
+PATHS = ("HTTP", AMQP_PATH, QUORUM_PATH)
 VMS = 2 * max(CONCURRENCY)
 WORKERS_PER_HTTP_CLIENT = 64
 FALL_TOLERANCE = 0.9
@@ -156,7 +157,7 @@ async def run(url: str, prefix: str, seconds: float, progress: Any) -> dict[str,
                 rows.append(_row("HTTP", n, c, res, raw[c]))
             progress.update(1)
             for c, res in (await amqp_sweep(h, url, toggler, seconds)).items():
-                rows.append(_row("AMQP api.portal", n, c, res, raw[c]))
+                rows.append(_row(AMQP_PATH, n, c, res, raw[c]))
             progress.update(1)
     async with cluster(url, f"{prefix}q", 1, env={"ZSTACK_MN_QUEUE_TYPE": "quorum"}) as h:
         agent = await h.start_agent(cpu=4 * VMS, memory="1T")

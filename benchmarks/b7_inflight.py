@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from benchmarks.b2_api import AMQP_PATH
 from benchmarks.cluster_util import Failures, Toggler, cluster, make_vms, metric, node_rss, set_agent_latency
 from benchmarks.common import run_load
 from zstack_mn.client import Client
@@ -29,7 +30,6 @@ LATENCIES = (0.5, 2.0)
 QUICK_SIZES = (200, 1_000)
 QUICK_LATENCIES = (0.5,)
 RATE_CONCURRENCY = 16
-AMQP_PATH = "AMQP api.portal"
 AMQP_RATE_CONCURRENCY = 256
 RATE_SECONDS = 3.0
 SAMPLE_S = 0.1

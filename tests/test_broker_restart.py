@@ -126,3 +126,29 @@ async def test_a_publish_failed_by_a_channel_closed_without_a_reason_is_a_retrya
             await transport.publish("any-queue", b"{}", message_id="buggy")
     finally:
         await transport.close()
+
+
+async def test_a_reply_waits_for_its_channel_to_reopen_on_a_live_connection(amqp_url: str, topology: Topology):
+    """After a reconnect aio-pika reopens channels one at a time: a handler can answer before
+    the publishing channel is back. A reply (non-mandatory) waits for it, within the publish
+    deadline, instead of being dropped; a request still fails at once, for its caller to retry."""
+    transport = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name="test-reopen")
+    await transport.start()
+    admin = await aio_pika.connect(amqp_url)
+    try:
+        replies = await (await admin.channel()).declare_queue(f"{topology.prefix}.replies")
+        channel = transport._publish_channel
+        assert channel is not None
+        await (await channel.get_underlay_channel()).close()
+        assert channel.is_closed
+        with pytest.raises(TransportDown):
+            await transport.publish(replies.name, b"request", message_id="request")
+        await (await channel.get_underlay_channel()).close()
+        assert channel.is_closed
+        await transport.publish(replies.name, b"{}", message_id="reply", mandatory=False)
+        got = await replies.get(timeout=5)
+        assert got.message_id == "reply"
+        await got.ack()
+    finally:
+        await admin.close()
+        await transport.close()

@@ -17,7 +17,7 @@ from zstack_mn.testing.faults import RUN_BOUND_S, Report, run_on
 
 FULL_RUNS = 10
 
-HA_ROWS_IN_ONE_RUN = frozenset({"broker-member-kill"})
+DEFAULT_HA_ROWS = frozenset({"broker-member-kill"})
 """The HA rows the default suite runs (each starts a RabbitMQ cluster and a PostgreSQL pair: about
 80 s); ``make fault-full`` runs them all. The database fail-over under load is also in
 ``tests/test_compose_ha.py``, and the multi-host connector in ``tests/test_pg_hosts.py``."""
@@ -32,7 +32,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "row_name" in metafunc.fixturenames:
         full = metafunc.config.getoption("--run-slow")
         runs = FULL_RUNS if full else 1
-        rows = [name for name in ROWS if full or name not in HA_ROWS or name in HA_ROWS_IN_ONE_RUN]
+        rows = [name for name in ROWS if full or name not in HA_ROWS or name in DEFAULT_HA_ROWS]
         params = [
             pytest.param(name, i, id=f"{name}-{i}", marks=[pytest.mark.slow] if runs > 1 else [])
             for name in rows

@@ -35,6 +35,8 @@ def test_hosts_of_reads_v6_addresses_in_brackets() -> None:
         ("host=a:x&host=b", "'a:x'"),
         ("host=[fd00::1]x&host=b", "'[fd00::1]x'"),
         ("host=a&host=b&connect_timeout=3", "connect_timeout"),
+        ("host=a:70000&host=b", "'a:70000'"),
+        ("host=:5432&host=b", "empty"),
     ],
 )
 def test_a_database_url_the_node_cannot_use_is_refused_at_start_naming_it(query: str, named: str) -> None:
@@ -42,6 +44,13 @@ def test_a_database_url_the_node_cannot_use_is_refused_at_start_naming_it(query:
         Settings(database_url=f"postgresql://u@/db?{query}")
     assert "database_url" in str(err.value)
     assert named in str(err.value)
+
+
+def test_libpq_comma_hosts_are_refused_with_the_form_the_node_takes() -> None:
+    with pytest.raises(ValidationError) as err:
+        Settings(database_url="postgresql://u@h1:5432,h2:5432/db")
+    assert "database_url" in str(err.value)
+    assert "?host=a:5432&host=b:5432" in str(err.value)
 
 
 @pytest.mark.integration

@@ -301,10 +301,10 @@ async def test_the_python_client_and_the_cli_speak_zstack(node: Node) -> None:
         # an ended session is renewed by one new login
         transport = c.transport
         assert isinstance(transport, ZStackTransport)
-        old = transport.sessions.session
+        old = transport.auth.session
         await zapi_of(node).guard.logout(old)
         assert (await c.destroy_vm(vm["uuid"]))["state"] == "Destroyed"
-        assert transport.sessions.session != old
+        assert transport.auth.session != old
     query = parse_call("QueryVmInstance", ["name=cl-key"])
     ok, payload = await run_call(query, [node.http_url], 10)
     assert ok

@@ -68,14 +68,17 @@ class SessionLogin:
     """The ZStack session of one HTTP client, shared by its concurrent calls.
 
     The first call that needs a session starts one login (``log_in(deadline)`` returns the new
-    session's uuid); every caller waits for that same login, each at most until its own deadline.
-    A call that finds its session expired (``INVALID_SESSION``) drops it and is tried once more
-    with a new one."""
+    session's uuid, trying until that deadline); every caller waits for that same login, each at
+    most until its own deadline. A caller with more time left than a login that failed (not for
+    a refused account) starts another under its own deadline, so a short call that began the
+    login cannot fail a long one. A call that finds its session expired (``INVALID_SESSION``)
+    drops it and is tried once more with a new one."""
 
     def __init__(self, log_in: Callable[[float], Awaitable[str]]) -> None:
         self._log_in = log_in
         self.session: str | None = None
         self._logging_in: asyncio.Task[str] | None = None
+        self._login_deadline = 0.0
 
     async def call(self, deadline: float, attempt: Callable[[str], Awaitable[T]]) -> T:
         """``attempt(session)``, renewing the session once if the node says it ended."""
@@ -91,22 +94,30 @@ class SessionLogin:
                 if self.session == session:
                     self.session = None
 
+    async def login(self, timeout: float) -> str:
+        """The current session, logging in if there is none (within ``timeout``)."""
+        return await self.current(asyncio.get_running_loop().time() + timeout)
+
     async def current(self, deadline: float) -> str:
         """The current session; without one, the login under way, or a new one."""
-        if self.session is not None:
-            return self.session
-        if self._logging_in is None or self._logging_in.done():
-            self._logging_in = asyncio.get_running_loop().create_task(self._logged_in(deadline))
-            self._logging_in.add_done_callback(lambda t: t.cancelled() or t.exception())
-        login = self._logging_in
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await asyncio.shield(login)
-        except TimeoutError:
-            failed = login.exception() if login.done() and not login.cancelled() else None
-            if isinstance(failed, ZStackError):
-                raise failed from None
-            raise ZStackError(ErrorCode.TIMEOUT, "no node let this client log in within its deadline") from None
+        while self.session is None:
+            if self._logging_in is None or self._logging_in.done():
+                self._logging_in = asyncio.get_running_loop().create_task(self._logged_in(deadline))
+                self._logging_in.add_done_callback(lambda t: t.cancelled() or t.exception())
+                self._login_deadline = deadline
+            login, login_deadline = self._logging_in, self._login_deadline
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await asyncio.shield(login)
+            except ZStackError as err:
+                if err.code is ErrorCode.AUTHENTICATION_ERROR or deadline <= login_deadline:
+                    raise
+            except TimeoutError:
+                failed = login.exception() if login.done() and not login.cancelled() else None
+                if isinstance(failed, ZStackError):
+                    raise failed from None
+                raise ZStackError(ErrorCode.TIMEOUT, "no node let this client log in within its deadline") from None
+        return self.session
 
     async def _logged_in(self, deadline: float) -> str:
         self.session = await self._log_in(deadline)
@@ -179,7 +190,7 @@ class HttpTransport(ApiTransport):
         self.urls = [u.rstrip("/") for u in urls]
         self.account = account
         self._digest = password_digest(password)
-        self.sessions = SessionLogin(self._log_in)
+        self.auth = SessionLogin(self._log_in)
         self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
         self._next = 0
@@ -196,7 +207,7 @@ class HttpTransport(ApiTransport):
         if method != "GET":
             headers["Idempotency-Key"] = key or str(uuidlib.uuid4())
         deadline = asyncio.get_running_loop().time() + timeout
-        return await self.sessions.call(
+        return await self.auth.call(
             deadline,
             lambda session: self._exchange(
                 method, path, data, query, {**headers, "Authorization": f"OAuth {session}"}, deadline
@@ -204,7 +215,7 @@ class HttpTransport(ApiTransport):
         )
 
     async def login(self, timeout: float = 30.0) -> str:
-        return await self.sessions.current(asyncio.get_running_loop().time() + timeout)
+        return await self.auth.login(timeout)
 
     async def _log_in(self, deadline: float) -> str:
         from zstack_mn.web.zstack.catalog import BY_NAME  # late imports: these build on this module

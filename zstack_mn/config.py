@@ -105,12 +105,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_database_hosts(self) -> Settings:
-        from sqlalchemy.engine import make_url  # late: the settings load before the database layer
+        # Imported here: the clients and the CLI load the settings too, without the database layer.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
         from zstack_mn.db.pg_hosts import checked_hosts
 
         if self.database_url.startswith(("postgresql", "postgres:")):
-            checked_hosts(make_url(self.database_url))
+            try:
+                url = make_url(self.database_url)
+            except (ArgumentError, ValueError) as exc:
+                raise ValueError(f"database_url: {exc} (several hosts are written ?host=a:5432&host=b:5432)") from None
+            checked_hosts(url)
         return self
 
     @model_validator(mode="after")

@@ -83,9 +83,9 @@ class ZStackTransport(ApiTransport):
             raise ValueError("at least one node URL is needed")
         self.urls = [u.rstrip("/") for u in urls]
         self.account = account
-        self.digest = password_digest(password)
+        self._digest = password_digest(password)
         self.polling_interval = polling_interval
-        self.sessions = SessionLogin(self._log_in)
+        self.auth = SessionLogin(self._log_in)
         self.last_handled_by: str | None = None
         self._next = 0
         self._http = httpx.AsyncClient(timeout=30)
@@ -95,7 +95,7 @@ class ZStackTransport(ApiTransport):
 
     async def send(self, msg: Message, *, key: str | None, timeout: float) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout
-        return await self.sessions.call(deadline, lambda session: self._send(msg, key, session, deadline))
+        return await self.auth.call(deadline, lambda session: self._send(msg, key, session, deadline))
 
     async def _send(self, msg: Message, key: str | None, session: str, deadline: float) -> dict[str, Any]:
         if type(msg) in _QUERIES:
@@ -119,12 +119,12 @@ class ZStackTransport(ApiTransport):
         return self._body(resp)
 
     async def login(self, timeout: float = 30.0) -> str:
-        """Log in now and return the session uuid (e.g. for ``Client.amqp(..., session=...)``)."""
-        return await self.sessions.current(asyncio.get_running_loop().time() + timeout)
+        """The current session (logging in if there is none), e.g. for ``Client.amqp(..., session=...)``."""
+        return await self.auth.login(timeout)
 
     async def _log_in(self, deadline: float) -> str:
         login = BY_NAME["LogInByAccount"]
-        body = {login.body_key: {"accountName": self.account, "password": self.digest}}
+        body = {login.body_key: {"accountName": self.account, "password": self._digest}}
         resp = await self._request(login.method, login.path, deadline, None, json=body)
         return str(self._body(resp)["inventory"]["uuid"])
 

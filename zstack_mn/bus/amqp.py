@@ -32,6 +32,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 
@@ -60,16 +61,26 @@ log = structlog.get_logger(__name__)
 CUT_ATTEMPTS = 5
 T = TypeVar("T")
 NOT_PERSISTENT = 1
-"""AMQP delivery mode 1, aio-pika's default, which the bus always sent. A quorum queue keeps every
-message in its replicated log whatever the mode."""
+"""AMQP delivery mode 1 (aio-pika's default). A quorum queue keeps every message in its
+replicated log whatever the mode."""
 
 _CUT_ERRORS = (
-    aiormq.exceptions.ConnectionInternalError,
-    aiormq.exceptions.ChannelInvalidStateError,
-    RuntimeError,  # aio-pika: the connection is closed and not reopened yet
+    aiormq.exceptions.ConnectionClosed,  # 541 INTERNAL_ERROR, 320 CONNECTION_FORCED, ...
+    ConnectionError,  # a reset socket: a member killed
+    RuntimeError,  # aio-pika: the connection is closed and not reopened yet (ChannelInvalidStateError too)
     TimeoutError,
 )
-"""What a start-up step gets when the broker cuts its connection (or it is not back yet)."""
+"""What a broker step gets when the broker cuts its connection (or it is not back yet)."""
+
+_CONFIGURATION_ERRORS = (
+    aiormq.exceptions.ConnectionNotAllowed,
+    aiormq.exceptions.ConnectionNotImplemented,
+    aiormq.exceptions.ConnectionSyntaxError,
+    aiormq.exceptions.ConnectionCommandInvalid,
+    aiormq.exceptions.ConnectionFrameError,
+    aiormq.exceptions.ConnectionUnexpectedFrame,
+)
+"""Connection closes that another attempt would meet again: not a cut to wait out."""
 
 _DOWN_ERRORS = (
     aiormq.exceptions.AMQPConnectionError,
@@ -165,8 +176,21 @@ class AmqpTransport(Transport):
             log.warning("broker probe failed", error=f"{type(exc).__name__}: {exc}")
             channel, self._probe_channel = self._probe_channel, None
             if channel is not None:
-                asyncio.get_running_loop().create_task(_close_quietly(channel))
+                _close_later(channel)
             return False
+
+    async def _restored(self, channel: AbstractChannel | None) -> None:
+        """Wait until ``channel`` is restored, when the connection is back but the channel not yet
+        (the caller bounds the wait); at once while the connection itself is down.
+
+        aio-pika marks a reconnected connection connected, then reopens its channels and
+        re-declares their queues one at a time, in no fixed order. Meanwhile a consumer's channel
+        can deliver a request whose handler answers before the publishing channel is back, and a
+        call can go out before its own reply queue exists again: either way the reply is lost
+        (dropped by this node, or unroutable at the broker), the request is acknowledged, and the
+        caller waits out its whole deadline (seen in the HA fault rows and the compose HA test)."""
+        if channel is not None and self.connected and isinstance(channel, AbstractRobustChannel):
+            await channel.ready()
 
     def _closed(self, *_: Any) -> None:
         if self.on_disconnect is not None:
@@ -253,29 +277,35 @@ class AmqpTransport(Transport):
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 self._consumer_channels.pop(queue, None)
                 raise self._mismatch(queue, exc) from None
-            except _CUT_ERRORS:
+            except BaseException:  # a cut, or the attempt's deadline (cancelled): drop its channel
                 stale = self._consumer_channels.pop(queue, None)
                 if stale is not None:
-                    await _close_quietly(stale)
+                    _close_later(stale)
                 raise
 
         return await self._surviving_cut(f"declare {queue}", declare_or_mismatch)
 
     async def _surviving_cut(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """``op()``, again once the robust connection is back when the broker cut the connection
-        under it, up to CUT_ATTEMPTS times; each attempt within ``publish_timeout``. RabbitMQ 3.10
-        closes a connection with INTERNAL_ERROR (541) when several nodes declare one new quorum
-        queue at once (seen when three nodes start together), and whatever else that connection
-        had in flight (a bind, a consume) fails with it."""
+        under it (or it was not back yet), up to CUT_ATTEMPTS times; each attempt within
+        ``publish_timeout``. For the steps that set a node's queues up (declare, bind, prefetch,
+        consume): RabbitMQ 3.10 closes a connection with INTERNAL_ERROR (541) when several nodes
+        declare one new quorum queue at once, and whatever else that connection had in flight
+        fails with it; a member stopped or killed while a node starts does the same."""
         delay = 0.5
         for attempt in range(CUT_ATTEMPTS):
             try:
-                return await asyncio.wait_for(op(), self.publish_timeout)
+                with _reasonless_as_down():
+                    return await asyncio.wait_for(op(), self.publish_timeout)
+            except _CONFIGURATION_ERRORS:
+                raise
             except _CUT_ERRORS as exc:
                 if attempt == CUT_ATTEMPTS - 1:
                     raise TransportDown(f"cannot {what}: {type(exc).__name__} {exc}") from exc
                 log.warning(
-                    "the broker cut the connection under a start-up step; trying again", step=what, error=str(exc)
+                    "the broker connection was cut under a queue set-up step; trying again",
+                    step=what,
+                    error=f"{type(exc).__name__}: {exc}",
                 )
                 await asyncio.sleep(delay)
                 with contextlib.suppress(TimeoutError):
@@ -321,7 +351,7 @@ class AmqpTransport(Transport):
         tag = self._consumer_tags.pop(queue, None)
         q = self._queues.get(queue)
         if tag is not None and q is not None:
-            with contextlib.suppress(*_DOWN_ERRORS):
+            with contextlib.suppress(*_DOWN_ERRORS), _reasonless_as_down():
                 await asyncio.wait_for(q.cancel(tag), self.publish_timeout)
 
     async def publish(
@@ -343,11 +373,15 @@ class AmqpTransport(Transport):
             delivery_mode=NOT_PERSISTENT,
             correlation_id=correlation_id,
             reply_to=reply_to,
-            expiration=None if ttl_ms is None else str(max(ttl_ms, 1)),
+            expiration=None if ttl_ms is None else str(max(int(ttl_ms), 1)),
             message_id=message_id,
         )
         try:
             async with asyncio.timeout(self.publish_timeout):
+                if not mandatory:  # a reply: the bus's only non-mandatory publish
+                    await self._restored(channel)
+                if reply_to is not None:
+                    await self._restored(self._consumer_channels.get(reply_to))
                 await _publish(channel, "", queue, body, properties, mandatory=mandatory)
         except aiormq.exceptions.PublishError as exc:
             raise NoRouteError(queue) from exc
@@ -365,9 +399,10 @@ class AmqpTransport(Transport):
         try:
             async with asyncio.timeout(self.publish_timeout):
                 if exchange not in self._exchanges:
-                    self._exchanges[exchange] = await channel.declare_exchange(
-                        exchange, aio_pika.ExchangeType.TOPIC, durable=True
-                    )
+                    with _reasonless_as_down():
+                        self._exchanges[exchange] = await channel.declare_exchange(
+                            exchange, aio_pika.ExchangeType.TOPIC, durable=True
+                        )
                 properties = aiormq.spec.Basic.Properties(delivery_mode=NOT_PERSISTENT, message_id=message_id)
                 await _publish(channel, exchange, topic, body, properties, mandatory=False)
         except _DOWN_ERRORS as exc:
@@ -404,7 +439,8 @@ class AmqpTransport(Transport):
 
         async def ack() -> None:
             try:
-                await message.ack()
+                with _reasonless_as_down():
+                    await message.ack()
             finally:
                 await _close_quietly(channel)
 
@@ -415,10 +451,8 @@ class AmqpTransport(Transport):
             return await self._delete_quorum_if_empty(queue)
         channel = await self._scratch_channel()
         try:
-            await asyncio.wait_for(
-                channel.queue_delete(queue, if_empty=True),
-                self.publish_timeout,
-            )
+            with _reasonless_as_down():
+                await asyncio.wait_for(channel.queue_delete(queue, if_empty=True), self.publish_timeout)
             return True
         except aiormq.exceptions.ChannelNotFoundEntity:
             return True
@@ -441,7 +475,8 @@ class AmqpTransport(Transport):
                 return False
         channel = await self._scratch_channel()
         try:
-            await asyncio.wait_for(channel.queue_delete(queue), self.publish_timeout)
+            with _reasonless_as_down():
+                await asyncio.wait_for(channel.queue_delete(queue), self.publish_timeout)
             return True
         except aiormq.exceptions.ChannelNotFoundEntity:
             return True
@@ -454,7 +489,8 @@ class AmqpTransport(Transport):
     async def queue_status(self, queue: str) -> tuple[int, int] | None:
         channel = await self._scratch_channel()
         try:
-            ok = await asyncio.wait_for(channel.declare_queue(queue, passive=True), self.publish_timeout)
+            with _reasonless_as_down():
+                ok = await asyncio.wait_for(channel.declare_queue(queue, passive=True), self.publish_timeout)
             result = ok.declaration_result
             return int(result.message_count or 0), int(result.consumer_count or 0)
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -468,8 +504,8 @@ class AmqpTransport(Transport):
 @contextlib.contextmanager
 def _reasonless_as_down() -> Iterator[None]:
     """aiormq fails what is in flight on a channel or connection that closes without a reason
-    with a bare ``Exception`` (a fault run that killed a cluster member got one call answered
-    INTERNAL_ERROR from it); that is a broker outage like any other, a retryable error."""
+    with a bare ``Exception``: a broker outage like any other (ConnectionResetError, one of the
+    errors the transport turns into TransportDown), not a bug."""
     try:
         yield
     except Exception as exc:
@@ -498,6 +534,17 @@ async def _publish(
         await underlay.basic_publish(
             body, exchange=exchange, routing_key=routing_key, properties=properties, mandatory=mandatory
         )
+
+
+_CLOSING: set[asyncio.Task[None]] = set()
+"""Channels being closed in the background (held, so that a close is not collected mid-way)."""
+
+
+def _close_later(channel: AbstractChannel) -> None:
+    """Close ``channel`` without waiting for it (from a path that cannot wait: a cancellation)."""
+    task = asyncio.get_running_loop().create_task(_close_quietly(channel))
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
 
 
 async def _close_quietly(closable: AbstractChannel | AbstractRobustConnection) -> None:

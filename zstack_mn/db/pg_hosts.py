@@ -45,16 +45,19 @@ def checked_hosts(url: URL) -> list[tuple[str, int]]:
 def _host_port(entry: str, default: int) -> tuple[str, int]:
     if entry.startswith("["):
         address, _, rest = entry[1:].partition("]")
-        if not rest:
-            return address, default
-        if not rest.startswith(":") or not rest[1:].isdigit():
+        if rest and not rest.startswith(":"):
             raise ValueError(f"database_url: host {entry!r} is not [address]:port")
-        return address, int(rest[1:])
-    if entry.count(":") != 1:
-        return entry, default
-    host, _, port = entry.partition(":")
-    if not port.isdigit():
-        raise ValueError(f"database_url: host {entry!r} has a port that is not a number")
+        host, port = address, rest[1:] if rest else None
+    elif entry.count(":") == 1:
+        host, port = entry.split(":")
+    else:
+        host, port = entry, None
+    if not host:
+        raise ValueError(f"database_url: a host parameter is empty ({entry!r})")
+    if port is None:
+        return host, default
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"database_url: host {entry!r} has no port number from 1 to 65535")
     return host, int(port)
 
 
