@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration and not cluster and not compose" $(PYTEST_ARGS)
 
 test-compose: $(STAMP)
-	$(BIN)/python -m pytest -m compose tests/test_compose.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m compose tests/test_compose.py tests/test_compose_ha.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(SCENARIOS)
