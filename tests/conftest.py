@@ -148,3 +148,20 @@ async def pg_database() -> AsyncIterator[str]:
         yield servers.pg_url(name)
     finally:
         await servers.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def docker_engine(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A Docker engine for the compose tests, held for the session (``tests/compose/stack.py``)."""
+    from tests.compose.stack import engine_lease
+
+    with engine_lease(request.config):
+        yield
+
+
+@pytest.fixture(scope="session")
+def standin_images(docker_engine: None) -> dict[str, str]:
+    """The stand-in images the compose tests run on: the compose variables that select them."""
+    from tests.compose.stack import ensure_standin_images
+
+    return ensure_standin_images()

@@ -19,7 +19,6 @@ import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +34,8 @@ from tests.compose.stack import (
     SERVICES,
     TEST_IMAGE,
     Stack,
-    engine_lease,
-    ensure_standin_images,
-    free_ports,
     run,
-    tear_down,
+    running_stack,
 )
 from tests.embedded import session_headers
 from zstack_mn.client import Client
@@ -55,42 +51,9 @@ HEALTHY_WITHIN = 180.0
 
 
 @pytest.fixture(scope="module")
-def docker_engine(request: pytest.FixtureRequest) -> Iterator[None]:
-    with engine_lease(request.config):
-        yield
-
-
-@pytest.fixture(scope="module")
-def standin_images(docker_engine: None) -> dict[str, str]:
-    return ensure_standin_images()
-
-
-@pytest.fixture(scope="module")
 def stack(standin_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    ports = dict(zip(PORT_VARIABLES, free_ports(len(PORT_VARIABLES)), strict=True))
-    env = {
-        **os.environ,
-        **standin_images,
-        **{PORT_VARIABLES[k]: str(p) for k, p in ports.items()},
-        "ZSTACK_MN_IMAGE": TEST_IMAGE,
-        "DOCKER_BUILDKIT": "0",
-    }
-    env.pop("ZSTACK_MN_ADMIN_PASSWORD", None)  # the compose file's default, ADMIN_PASSWORD
-    s = Stack(f"zstackmntest{uuid.uuid4().hex[:8]}", env, ports, tmp_path_factory.mktemp("compose"))
-    try:
-        started = time.monotonic()
-        s.compose("build", timeout=1200)
-        built = time.monotonic()
-        s.compose("up", "-d", timeout=600)
-        s.wait_healthy(time.monotonic() + HEALTHY_WITHIN)
-        print(
-            f"compose: image built in {built - started:.1f} s, stack healthy {time.monotonic() - built:.1f} s later",
-            file=sys.stderr,
-        )
+    with running_stack("test", standin_images, tmp_path_factory.mktemp("compose"), healthy_within=HEALTHY_WITHIN) as s:
         yield s
-    finally:
-        tear_down(s)
-        print(f"compose: removed {s.project}; its logs are in {s.log_dir / 'compose.log'}", file=sys.stderr)
 
 
 async def _node_uuid(url: str) -> str:

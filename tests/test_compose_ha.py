@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,15 +26,10 @@ import pytest
 from tests.compose.stack import (
     COMPOSE_FILE,
     NODES,
-    PORT_VARIABLES,
     REPO,
-    TEST_IMAGE,
     Stack,
-    engine_lease,
-    ensure_standin_images,
-    free_ports,
     run,
-    tear_down,
+    running_stack,
 )
 from tests.embedded import session_headers
 from zstack_mn.client import Client
@@ -59,47 +51,17 @@ LOAD_VMS = 24
 
 
 @pytest.fixture(scope="module")
-def docker_engine(request: pytest.FixtureRequest) -> Iterator[None]:
-    with engine_lease(request.config):
-        yield
-
-
-@pytest.fixture(scope="module")
-def standin_images(docker_engine: None) -> dict[str, str]:
-    return ensure_standin_images()
-
-
-@pytest.fixture(scope="module")
 def ha(standin_images: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The HA stack, built and healthy; removed with its volumes at the end of the module."""
-    ports = dict(zip(PORT_VARIABLES, free_ports(len(PORT_VARIABLES)), strict=True))
-    env = {
-        **os.environ,
-        **standin_images,
-        **{PORT_VARIABLES[k]: str(p) for k, p in ports.items()},
-        "ZSTACK_MN_IMAGE": TEST_IMAGE,
-        "DOCKER_BUILDKIT": "0",
-    }
-    env.pop("ZSTACK_MN_ADMIN_PASSWORD", None)
-    s = Stack(
-        f"zstackmnha{uuid.uuid4().hex[:8]}",
-        env,
-        ports,
+    with running_stack(
+        "ha",
+        standin_images,
         tmp_path_factory.mktemp("compose-ha"),
         files=(COMPOSE_FILE, HA_FILE),
         services=HA_SERVICES,
-    )
-    try:
-        started = time.monotonic()
-        s.compose("build", timeout=1200)
-        built = time.monotonic()
-        s.compose("up", "-d", timeout=600)
-        s.wait_healthy(time.monotonic() + HEALTHY_WITHIN)
-        print(f"compose-ha: built in {built - started:.1f} s, healthy {time.monotonic() - built:.1f} s later")
+        healthy_within=HEALTHY_WITHIN,
+    ) as s:
         yield s
-    finally:
-        tear_down(s)
-        print(f"compose-ha: removed {s.project}; its logs are in {s.log_dir / 'compose.log'}", file=sys.stderr)
 
 
 def _exec(stack: Stack, service: str, *argv: str, user: str | None = None, timeout: float = 60) -> str:

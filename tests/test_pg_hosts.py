@@ -75,6 +75,45 @@ async def test_a_black_holed_first_host_costs_one_deadline_not_all(pg_database: 
         hole.close()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_a_caller_out_of_time_on_a_dead_host_begins_its_next_attempt_with_the_next_host(pg_database: str) -> None:
+    """A heartbeat's deadline can be shorter than the per-host connect deadline: cut short on a
+    black-holed primary, its next connection attempt must start with the standby, not the dead
+    host again (a container killed in Docker black-holes its address: a node kept timing out on
+    it and was evicted)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hole_port = hole.sockets[0].getsockname()[1]
+    name = make_url(pg_database).database
+    url = make_url(
+        f"postgresql+asyncpg://{servers.PG_USER}@/{name}"
+        f"?host=127.0.0.1:{hole_port}&host={servers.PG_HOST}:{servers.PG_PORT}&target_session_attrs=read-write"
+    )
+    connect = writable_connector(url, 10.0, {})
+    assert connect is not None
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await connect()
+        assert len(accepted) == 1
+        conn = await connect()
+        try:
+            assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            await conn.close()
+        assert len(accepted) == 1, "the second attempt went to the dead host again"
+    finally:
+        for writer in accepted:
+            writer.close()
+        hole.close()
+
+
 def test_a_parameter_the_connector_would_drop_is_refused() -> None:
     url = make_url("postgresql+asyncpg://u@/db?host=a:1&host=b:2&application_name=x")
     with pytest.raises(ValueError, match="application_name"):

@@ -3,7 +3,8 @@ images (``ensure_standin_images``), a stack brought up under a project name of i
 (``Stack``), and its removal (``tear_down``).
 
 tests/test_compose.py runs docker-compose.yml alone; tests/test_compose_ha.py adds
-docker-compose.ha.yml. Each wraps these in module fixtures of its own.
+docker-compose.ha.yml. Both bring theirs up with ``running_stack``; the engine lease and the
+stand-ins are the session fixtures ``docker_engine`` and ``standin_images`` (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -215,3 +217,42 @@ def tear_down(s: Stack) -> None:
     stale = run(["docker", "image", "ls", "-q", "--filter", "dangling=true", "--filter", IMAGE_LABEL], timeout=30)
     for image in stale.stdout.split():
         run(["docker", "image", "rm", image], timeout=60)
+
+
+@contextmanager
+def running_stack(
+    name: str,
+    standin_images: dict[str, str],
+    log_dir: Path,
+    *,
+    files: tuple[Path, ...] = (COMPOSE_FILE,),
+    services: tuple[str, ...] = SERVICES,
+    healthy_within: float,
+) -> Iterator[Stack]:
+    """A stack of ``files`` on the stand-in images, every published port on a free loopback
+    port, the compose file's default admin password; built, up and healthy (``services``) within
+    ``healthy_within`` seconds of ``up``; torn down (``tear_down``) at the end, whatever happened."""
+    ports = dict(zip(PORT_VARIABLES, free_ports(len(PORT_VARIABLES)), strict=True))
+    env = {
+        **os.environ,
+        **standin_images,
+        **{PORT_VARIABLES[k]: str(p) for k, p in ports.items()},
+        "ZSTACK_MN_IMAGE": TEST_IMAGE,
+        "DOCKER_BUILDKIT": "0",
+    }
+    env.pop("ZSTACK_MN_ADMIN_PASSWORD", None)
+    s = Stack(f"zstackmn{name}{uuid.uuid4().hex[:8]}", env, ports, log_dir, files=files, services=services)
+    try:
+        started = time.monotonic()
+        s.compose("build", timeout=1200)
+        built = time.monotonic()
+        s.compose("up", "-d", timeout=600)
+        s.wait_healthy(time.monotonic() + healthy_within)
+        print(
+            f"compose {name}: image built in {built - started:.1f} s, stack healthy {time.monotonic() - built:.1f} s later",
+            file=sys.stderr,
+        )
+        yield s
+    finally:
+        tear_down(s)
+        print(f"compose {name}: removed {s.project}; its logs are in {log_dir / 'compose.log'}", file=sys.stderr)

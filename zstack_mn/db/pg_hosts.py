@@ -12,6 +12,7 @@ was a standby is found within one deadline per dead host.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -79,18 +80,24 @@ def writable_connector(
         **({"ssl": str(ssl)} if ssl else {}),
         **{k: v for k, v in connect_args.items() if k != "timeout"},
     }
-    last_good = [0]
-    """The host that answered last is tried first: after a fail-over a dead first host costs one
-    deadline once, not on every new connection."""
+    start = [0]
+    """Where the next connection attempt begins: the host that answered last, or the one after a
+    host that failed or ran the caller out of time. After a fail-over a dead first host costs one
+    deadline once, not on every new connection, and a caller whose deadline is shorter than
+    ``per_host_timeout`` (a heartbeat) still reaches the second host on its next attempt."""
+
+    def passed(i: int) -> None:
+        if start[0] == i:
+            start[0] = (i + 1) % len(hosts)
 
     async def connect() -> asyncpg.Connection:
         failures: list[str] = []
-        first = last_good[0]
+        first = start[0]
         for i in [*range(first, len(hosts)), *range(first)]:
             host, port = hosts[i]
             try:
                 conn: asyncpg.Connection = await asyncpg.connect(host=host, port=port, timeout=per_host_timeout, **base)
-                last_good[0] = i
+                start[0] = i
                 return conn
             except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError):
                 raise  # a wrong user, password or database is a configuration error, not an outage
@@ -102,6 +109,10 @@ def writable_connector(
                 asyncpg.InternalClientError,  # TargetServerAttributeNotMatched: a standby, not yet promoted
             ) as exc:
                 failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+                passed(i)
+            except asyncio.CancelledError:
+                passed(i)  # the caller's own deadline ran out on this host
+                raise
         raise OSError(f"no {target} PostgreSQL host answered: {'; '.join(failures)}")
 
     return connect
