@@ -19,14 +19,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.compose.load import Churned, check_nothing_lost, churn, until_served_again
 from tests.compose.stack import (
     COMPOSE_FILE,
     NODES,
@@ -37,10 +37,8 @@ from tests.compose.stack import (
     run,
     running_stack,
 )
-from tests.embedded import session_headers
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
-from zstack_mn.messages import ZStackError
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(300)]
 
@@ -171,37 +169,6 @@ async def test_cluster_through_every_node(stack: Stack) -> None:
     assert "3 node(s); rings agree: yes" in inside.stdout, inside.stdout
 
 
-@dataclass
-class Churn:
-    """One VM stopped and started in a loop: every acknowledged state with its time, and failures."""
-
-    uuid: str
-    name: str
-    acked: list[tuple[float, str]] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-
-
-async def _churn(client: Client, vm: Churn, stop: asyncio.Event) -> None:
-    state = "Running"
-    while not stop.is_set():
-        try:
-            inv = await (client.stop_vm if state == "Running" else client.start_vm)(vm.uuid)
-        except ZStackError as exc:
-            vm.failed.append(f"{exc.code.value}: {exc}")
-            # Carry on from wherever the failed operation left the VM.
-            state = (await client.query_vms(name=vm.name))["inventories"][0]["state"]
-            continue
-        state = inv["state"]
-        vm.acked.append((time.monotonic(), state))
-
-
-async def _wait_for(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 async def test_docker_kill_a_node_under_load(stack: Stack) -> None:
     victim = "node2"
     nodes = {n: await _node_uuid(stack.url(n)) for n in NODES}
@@ -214,28 +181,24 @@ async def test_docker_kill_a_node_under_load(stack: Stack) -> None:
     owned = {vm["uuid"] for vm in created if ring.owner_of(vm["uuid"]) == nodes[victim]}
     assert owned, "the victim owns none of the VMs"
 
-    vms = [Churn(vm["uuid"], vm["name"]) for vm in created]
+    vms = [Churned(vm["uuid"], vm["name"]) for vm in created]
     stop = asyncio.Event()
     async with Client.http(stack.urls, password=ADMIN_PASSWORD) as client:
-        workers = [asyncio.create_task(_churn(client, vm, stop)) for vm in vms]
+        workers = [asyncio.create_task(churn(client, vm, stop)) for vm in vms]
         try:
-            await _wait_for(lambda: all(len(vm.acked) >= 2 for vm in vms), 30, "the load to run on every VM")
+            await until_served_again(vms, time.monotonic(), "the load to run on every VM", 30)
             done = run(["docker", "kill", stack.container(victim)], timeout=30)
             assert done.returncode == 0, done.stderr
             killed_at = time.monotonic()
-            before = sum(len(vm.acked) for vm in vms)
-
-            def after(vm: Churn) -> list[float]:
-                return [t for t, _ in vm.acked if t > killed_at]
-
+            before = sum(len(vm.acked_after(0.0)) for vm in vms)
             # Served again: two operations of every VM acknowledged after the kill (the second was
             # sent after it, so the victim cannot have served it).
-            await _wait_for(lambda: all(len(after(vm)) >= 2 for vm in vms), 60, "every VM served again")
-            served_again = max(after(vm)[1] for vm in vms if vm.uuid in owned) - killed_at
+            await until_served_again(vms, killed_at, "every VM served again", 60)
+            served_again = max(vm.acked_after(killed_at)[1].acked or 0.0 for vm in vms if vm.uuid in owned) - killed_at
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers), 60)
-    total = sum(len(vm.acked) for vm in vms)
+    total = sum(len(vm.acked_after(0.0)) for vm in vms)
     print(
         f"compose: {total} operations on {len(vms)} VMs ({before} before the kill); the victim's "
         f"{len(owned)} VMs were all served again {served_again:.2f} s after it"
@@ -244,15 +207,7 @@ async def test_docker_kill_a_node_under_load(stack: Stack) -> None:
 
     # Nothing lost: the database and the agent both hold each VM in the state its last
     # acknowledged operation left it in.
-    auth = await session_headers(stack.url("node1"), ADMIN_PASSWORD)
-    async with httpx.AsyncClient(timeout=10, headers=auth) as http:
-        on_agent = (await http.get(f"{stack.url('agent')}/hosts/kill-h1/vms")).json()["vms"]
-        agent_states = {v["uuid"]: v["state"] for v in on_agent}
-        for vm in vms:
-            got = await http.get(f"{stack.url('node1')}/v1/vm-instances/{vm.uuid}")
-            assert got.status_code == 200, (vm.name, got.text)
-            assert got.json()["inventory"]["state"] == vm.acked[-1][1], vm.name
-            assert agent_states.get(vm.uuid) == vm.acked[-1][1], (vm.name, agent_states.get(vm.uuid))
+    await check_nothing_lost(stack, "kill-h1", vms, ADMIN_PASSWORD)
 
     # The victim's row is gone and the survivors' rings agree. (`docker kill` is a manual stop:
     # the restart policy does not bring the container back.)

@@ -17,12 +17,12 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.compose.load import Churned, check_nothing_lost, churn, until_served_again
 from tests.compose.stack import (
     COMPOSE_FILE,
     NODES,
@@ -31,9 +31,7 @@ from tests.compose.stack import (
     run,
     running_stack,
 )
-from tests.embedded import session_headers
 from zstack_mn.client import Client
-from zstack_mn.messages import ZStackError
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(300)]
 
@@ -156,61 +154,6 @@ async def test_vm_lifecycle_through_every_node(ha: Stack) -> None:
             assert (await client.destroy_vm(vm["uuid"]))["state"] == "Destroyed"
 
 
-@dataclass
-class Op:
-    """One operation of the load: when it was sent and, once acknowledged, when and with what state."""
-
-    sent: float
-    acked: float | None = None
-    state: str | None = None
-
-
-@dataclass
-class Churned:
-    """One VM stopped and started in a loop."""
-
-    uuid: str
-    name: str
-    ops: list[Op] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-
-    def acked_after(self, t: float) -> list[Op]:
-        return [op for op in self.ops if op.acked is not None and op.acked > t]
-
-    def served_again(self, fault: float) -> float | None:
-        """Seconds from the fault to the acknowledgement of this VM's first request sent after it."""
-        after = [op for op in self.ops if op.sent >= fault and op.acked is not None]
-        return after[0].acked - fault if after and after[0].acked is not None else None
-
-
-async def _churn(client: Client, vm: Churned, stop: asyncio.Event) -> None:
-    state = "Running"
-    while not stop.is_set():
-        op = Op(time.monotonic())
-        vm.ops.append(op)
-        try:
-            inv = await (client.stop_vm if state == "Running" else client.start_vm)(vm.uuid)
-        except ZStackError as exc:
-            vm.failed.append(f"{exc.code.value}: {exc}")
-            return
-        op.acked, op.state = time.monotonic(), inv["state"]
-        state = inv["state"]
-
-
-async def _until_served_again(vms: list[Churned], fault: float, what: str) -> float:
-    """Wait (bounded) until every VM has two operations acknowledged after ``fault``; failing at
-    once on a failed call. The slowest VM's time from the fault to its first request sent after
-    it being acknowledged."""
-    deadline = time.monotonic() + SERVED_AGAIN_WITHIN
-    while not all(len(vm.acked_after(fault)) >= 2 for vm in vms):
-        assert [(vm.name, vm.failed) for vm in vms if vm.failed] == [], what
-        slow = [vm.name for vm in vms if len(vm.acked_after(fault)) < 2]
-        assert time.monotonic() < deadline, f"{what}: not served again within {SERVED_AGAIN_WITHIN} s: {slow}"
-        await asyncio.sleep(0.1)
-    served = [vm.served_again(fault) for vm in vms]
-    return max(s for s in served if s is not None)
-
-
 def _api_portal_leader(stack: Stack) -> str:
     """The member leading the api.portal quorum queue (the service name)."""
     leader: str = _queues(stack, "rabbitmq2")[API_QUEUE]["leader"]
@@ -227,20 +170,6 @@ async def _promote_after_kill(stack: Stack) -> tuple[float, float]:
     return killed, time.monotonic() - started
 
 
-async def _check_nothing_lost(stack: Stack, vms: list[Churned]) -> None:
-    """Each VM is, in the database and on the agent, in the state its last acknowledged operation left it."""
-    auth = await session_headers(stack.url("node1"), ADMIN_PASSWORD)
-    async with httpx.AsyncClient(timeout=10, headers=auth) as http:
-        on_agent = (await http.get(f"{stack.url('agent')}/hosts/ha-load/vms")).json()["vms"]
-        agent_states = {v["uuid"]: v["state"] for v in on_agent}
-        for vm in vms:
-            last = [op.state for op in vm.ops if op.state is not None][-1]
-            got = await http.get(f"{stack.url('node1')}/v1/vm-instances/{vm.uuid}")
-            assert got.status_code == 200, (vm.name, got.text)
-            assert got.json()["inventory"]["state"] == last, vm.name
-            assert agent_states.get(vm.uuid) == last, (vm.name, agent_states.get(vm.uuid))
-
-
 @pytest.mark.timeout(420)
 async def test_broker_member_kill_then_database_failover_under_load(ha: Stack) -> None:
     async with httpx.AsyncClient(timeout=5) as http:
@@ -254,18 +183,22 @@ async def test_broker_member_kill_then_database_failover_under_load(ha: Stack) -
     stop = asyncio.Event()
     figures: dict[str, float] = {}
     async with Client.http(ha.urls, password=ADMIN_PASSWORD) as client:
-        workers = [asyncio.create_task(_churn(client, vm, stop)) for vm in vms]
+        workers = [asyncio.create_task(churn(client, vm, stop)) for vm in vms]
         try:
-            await _until_served_again(vms, time.monotonic(), "the load starting")
+            await until_served_again(vms, time.monotonic(), "the load starting", SERVED_AGAIN_WITHIN)
             victim = _api_portal_leader(ha)
             killed = _kill(ha, victim)
-            figures[f"kill of {victim} (api.portal leader)"] = await _until_served_again(vms, killed, "broker kill")
+            figures[f"kill of {victim} (api.portal leader)"] = await until_served_again(
+                vms, killed, "broker kill", SERVED_AGAIN_WITHIN
+            )
             survivors = [m for m in MEMBERS if m != victim]
             running = _rabbit_json(ha, survivors[0], "cluster_status")["running_nodes"]
             assert set(running) == {f"rabbit@{m}" for m in survivors}, running
 
             killed, promotion = await _promote_after_kill(ha)
-            figures["database fail-over (kill + promote)"] = await _until_served_again(vms, killed, "fail-over")
+            figures["database fail-over (kill + promote)"] = await until_served_again(
+                vms, killed, "fail-over", SERVED_AGAIN_WITHIN
+            )
         finally:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers), 60)
@@ -276,7 +209,7 @@ async def test_broker_member_kill_then_database_failover_under_load(ha: Stack) -
     print(f"compose-ha: promotion took {promotion:.2f} s; {total} operations on {len(vms)} VMs")
 
     assert _sql(ha, "postgres-standby", "select pg_is_in_recovery()") == "f"
-    await _check_nothing_lost(ha, vms)
+    await check_nothing_lost(ha, "ha-load", vms, ADMIN_PASSWORD)
     report = _status_inside(ha, "node1")
     running_nodes = {n["uuid"] for n in report["nodes"] if n["state"] == "RUNNING"}
     assert running_nodes == node_uuids, report
