@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-from zstack_mn.testing.fault_rows import Run, every_vm_served_again_s
+import pytest
+
+from zstack_mn.testing import faults
+from zstack_mn.testing.fault_rows import ROWS, Run, every_vm_served_again_s
+from zstack_mn.testing.faults import Report
 from zstack_mn.testing.history import ERROR, OK, Op
 
 FAULT = 100.0
@@ -37,3 +42,21 @@ def test_a_failed_create_that_names_no_vm_is_not_a_vm_left_unserved() -> None:
 def test_a_vm_asked_about_and_never_served_leaves_no_figure() -> None:
     run = _run(_op(1, "a", 100.5, 100.6), _op(2, "b", 100.5, 101.0, outcome=ERROR))
     assert every_vm_served_again_s(run) is None
+
+
+async def test_a_run_that_cannot_complete_is_recorded_as_failed_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    async def cluster_did_not_start(*_: Any, **__: Any) -> Report:
+        raise TimeoutError("node-2 not ready within 60s")
+
+    monkeypatch.setattr(faults, "run_isolated", cluster_did_not_start)
+    report = await faults.run_recorded(ROWS["sigkill"], tmp_path, seed=7)
+    assert not report.holds
+    assert report.row == "sigkill"
+    assert report.seed == 7
+    assert report.problems == ["the run did not complete: TimeoutError: node-2 not ready within 60s"]
+    assert "FAILS" in report.line()
+    summary = faults.summarize([report])
+    assert summary["rows"]["sigkill"]["runs"] == 1
+    assert summary["rows"]["sigkill"]["held"] == 0

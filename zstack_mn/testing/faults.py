@@ -36,7 +36,7 @@ from zstack_mn.db.engine import Database
 from zstack_mn.db.models import VmInstance
 from zstack_mn.services.vm_states import TRANSIENT
 from zstack_mn.testing import servers
-from zstack_mn.testing.checker import AgentView, check, read_database
+from zstack_mn.testing.checker import AgentView, Verdict, check, read_database
 from zstack_mn.testing.cluster import ClusterHarness, agent_stats
 from zstack_mn.testing.fault_rows import (
     AGENT_LATENCY_S,
@@ -308,6 +308,18 @@ async def run_isolated(row: Row, workdir: Path, seed: int | None, queue_type: st
         servers.delete_vhost(vhost)
 
 
+async def run_recorded(row: Row, workdir: Path, seed: int, queue_type: str = "classic") -> Report:
+    """``run_isolated``, with a run that could not finish (its cluster or servers did not start,
+    it outran RUN_BOUND_S) recorded as a run that failed, with the reason, so that a batch of
+    many runs goes on and reports it instead of stopping at it."""
+    started = time.monotonic()
+    try:
+        return await run_isolated(row, workdir, seed, queue_type)
+    except Exception as exc:
+        reason = f"the run did not complete: {type(exc).__name__}: {exc}"
+        return Report(row.name, seed, False, Verdict().as_json(), [reason], {}, round(time.monotonic() - started, 1))
+
+
 def summarize(reports: list[Report]) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for r in reports:
@@ -385,7 +397,8 @@ async def _main(names: list[str], runs: int, seed: int | None, out: Path | None,
         for i in range(runs):
             run_dir = workdir / f"{name}-{i}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            report = await run_isolated(ROWS[name], run_dir, None if seed is None else seed + i, queue_type)
+            run_seed = random.SystemRandom().randrange(1 << 30) if seed is None else seed + i
+            report = await run_recorded(ROWS[name], run_dir, run_seed, queue_type)
             reports.append(report)
             print(report.line(), flush=True)
             for p in report.problems:
