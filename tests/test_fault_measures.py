@@ -55,7 +55,10 @@ async def test_a_run_that_cannot_complete_is_recorded_as_failed_with_its_reason(
     assert not report.holds
     assert report.row == "sigkill"
     assert report.seed == 7
-    assert report.problems == ["the run did not complete: TimeoutError: node-2 not ready within 60s"]
+    assert report.problems == [
+        f"the run did not complete: TimeoutError: node-2 not ready within 60s (traceback in {tmp_path / 'failure.txt'})"
+    ]
+    assert "cluster_did_not_start" in (tmp_path / "failure.txt").read_text()
     assert "FAILS" in report.line()
     summary = faults.summarize([report])
     assert summary["rows"]["sigkill"]["runs"] == 1

@@ -20,6 +20,7 @@ import json
 import random
 import sys
 import time
+import traceback
 import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ from zstack_mn.testing.proxy import CutProxy
 QUIESCE_BOUND_S = 60.0
 RUN_BOUND_S = 200.0
 STUCK_REPORT_AFTER_S = 150.0
+FAILURE_FILE = "failure.txt"
 
 
 @dataclass
@@ -316,7 +318,9 @@ async def run_recorded(row: Row, workdir: Path, seed: int, queue_type: str = "cl
     try:
         return await run_isolated(row, workdir, seed, queue_type)
     except Exception as exc:
-        reason = f"the run did not complete: {type(exc).__name__}: {exc}"
+        (workdir / FAILURE_FILE).write_text("".join(traceback.format_exception(exc)))
+        what = str(exc) or (f"over its {RUN_BOUND_S:g} s bound" if isinstance(exc, TimeoutError) else "")
+        reason = f"the run did not complete: {type(exc).__name__}: {what} (traceback in {workdir / FAILURE_FILE})"
         return Report(row.name, seed, False, Verdict().as_json(), [reason], {}, round(time.monotonic() - started, 1))
 
 

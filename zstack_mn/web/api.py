@@ -132,12 +132,6 @@ def error_response(err: ZStackError) -> JSONResponse:
     return JSONResponse({"error": err.to_info().model_dump()}, status_code=err.code.http_status)
 
 
-def unexpected_error_response(exc: Exception) -> JSONResponse:
-    """A 500 ``INTERNAL_ERROR`` naming only the exception's type; the traceback goes to the log."""
-    log.exception("unexpected error answering a request")
-    return error_response(ZStackError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
-
-
 def create_app(
     portal: ApiPortal,
     *,
@@ -190,7 +184,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return unexpected_error_response(exc)
+        log.exception("unexpected error answering a request")
+        return error_response(ZStackError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
 
     async def answer(msg: Message, key: str | None) -> tuple[dict[str, Any], str]:
         request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
@@ -357,7 +352,10 @@ class Gate:
                     return
             action = self.fast.action_of(scope) if self.fast is not None else None
             if action is not None or (not sized and scope["method"] in BODY_METHODS):
-                body = await self._read_at_most(receive)
+                try:
+                    body = await self._read_at_most(receive)
+                except _ClientGone:
+                    return
                 if body is None:
                     await error_response(self._too_large())(scope, receive, send)
                     return
@@ -373,13 +371,14 @@ class Gate:
         return ZStackError(ErrorCode.MESSAGE_TOO_LARGE, f"request body over {self.limit} bytes")
 
     async def _read_at_most(self, receive: Receive) -> bytes | None:
-        """The whole body of a request sent without a length; None once it passes the limit."""
+        """The whole body of a request; None once it passes the limit. ``_ClientGone`` when the
+        client disconnects first: a partial body is neither run nor passed on as a whole one."""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                return b"".join(chunks)
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
@@ -387,6 +386,10 @@ class Gate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its whole body arrived: there is nobody left to answer."""
 
 
 _Action = tuple[dict[str, type[Message]], type[BaseModel], str]
@@ -398,7 +401,9 @@ class ActionFastPath:
     routing, dependency solving and exception middleware, which cost about a tenth of a node's
     CPU per VM operation. It validates with the route's own models and answers with the route's
     own ``run``; whatever it does not find well formed (a body without a JSON content type too)
-    goes on to the app untouched, so every refusal is the app's own answer. ``answered`` counts the requests it took."""
+    goes on to the app untouched, so every refusal is the app's own answer. An unexpected
+    exception propagates as the route's would (the server-error middleware answers it).
+    ``answered`` counts the requests it took."""
 
     def __init__(self, run: Callable[[Message, str | None], Awaitable[Response]]) -> None:
         self.run = run
@@ -444,8 +449,6 @@ class ActionFastPath:
             return await self.run(_action_message(uuid, params, actions), key)
         except ZStackError as err:
             return error_response(err)
-        except Exception as exc:
-            return unexpected_error_response(exc)
 
 
 def _is_json(content_type: bytes) -> bool:
