@@ -58,11 +58,11 @@ class Settings(BaseSettings):
     publish_timeout: float = Field(5.0, gt=0, le=120)
     amqp_heartbeat: int = Field(5, ge=1, le=600)
     max_message_bytes: int = Field(1 << 20, ge=1024, le=(16 << 20) - 1024)
-    max_in_flight: int = Field(1_000, ge=1, le=65_535)
+    max_in_flight: int = Field(2_000, ge=1, le=65_535)
     max_hops: int = Field(3, ge=0, le=16)
 
     agent_timeout: float = Field(10.0, gt=0, le=600)
-    agent_max_connections: int = Field(1_000, ge=1, le=100_000)
+    agent_max_connections: int = Field(2_000, ge=1, le=100_000)
     host_ping_interval: float = Field(5.0, gt=0, le=3600)
     host_ping_failures: int = Field(2, ge=1, le=100)
     vm_sync_interval: float = Field(30.0, gt=0, le=86400)

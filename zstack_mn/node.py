@@ -41,6 +41,7 @@ from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database
 from zstack_mn.db.hosts import HostRepository
+from zstack_mn.file_limit import files_needed, raise_file_limit
 from zstack_mn.logging import bind_node
 from zstack_mn.messages import ErrorCode, ZStackError
 from zstack_mn.messages.host import AddHostMsg
@@ -201,6 +202,7 @@ class Node:
         self.uuid = str(uuidlib.uuid4())
         bind_node(self.uuid)
         log.info("node starting", broker=s.broker_url, database=s.database_url)
+        raise_file_limit(files_needed(s))
         self.db = Database(
             s.database_url,
             pool_size=s.db_pool_size,
