@@ -18,7 +18,7 @@ import hashlib
 import uuid as uuidlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import orjson
@@ -53,6 +53,9 @@ from zstack_mn.messages.api import (
 from zstack_mn.messages.ids import IDEMPOTENCY_HEADER, SESSION_HEADER
 from zstack_mn.messages.rest import ACTION_PATHS
 
+if TYPE_CHECKING:
+    from zstack_mn.web.zstack.catalog import ZApi
+
 RETRYABLE_HTTP = {500, 502, 503, 504}
 SUSPECT_FOR = 15.0
 
@@ -62,6 +65,17 @@ T = TypeVar("T")
 def password_digest(password: str) -> str:
     """The password as ZStack's ``LogInByAccount`` takes it: its SHA-512 digest in hex."""
     return hashlib.sha512(password.encode()).hexdigest()
+
+
+def log_in_by_account(account: str, digest: str) -> tuple[ZApi, dict[str, Any]]:
+    """ZStack's ``LogInByAccount``: its catalog entry (method, path) and the request body for
+    ``account`` with its password digest. Both HTTP clients log in with it; the session uuid is
+    the reply's ``inventory.uuid``."""
+    from zstack_mn.web.zstack.catalog import BY_NAME  # late: the catalog builds on this module
+
+    api = BY_NAME["LogInByAccount"]
+    assert api.body_key is not None
+    return api, {api.body_key: {"accountName": account, "password": digest}}
 
 
 class SessionLogin:
@@ -218,12 +232,9 @@ class HttpTransport(ApiTransport):
         return await self.auth.login(timeout)
 
     async def _log_in(self, deadline: float) -> str:
-        from zstack_mn.web.zstack.catalog import BY_NAME  # late imports: these build on this module
-        from zstack_mn.web.zstack.rest import PREFIX
+        from zstack_mn.web.zstack.rest import PREFIX  # late: it builds on this module
 
-        api = BY_NAME["LogInByAccount"]
-        assert api.body_key is not None
-        login = {api.body_key: {"accountName": self.account, "password": self._digest}}
+        api, login = log_in_by_account(self.account, self._digest)
         headers = {"Content-Type": "application/json"}
         reply = await self._exchange(api.method, PREFIX + api.path, orjson.dumps(login), None, headers, deadline)
         return str(reply["inventory"]["uuid"])

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from zstack_mn.client import ApiTransport, SessionLogin, password_digest
+from zstack_mn.client import ApiTransport, SessionLogin, log_in_by_account, password_digest
 from zstack_mn.config import ZSTACK_ADMIN_ACCOUNT, ZSTACK_DEFAULT_PASSWORD
 from zstack_mn.messages import ErrorCode, Message, ZStackError
 from zstack_mn.messages.api import APIQueryHostMsg, APIQueryManagementNodeMsg, APIQueryVmInstanceMsg
@@ -123,8 +123,7 @@ class ZStackTransport(ApiTransport):
         return await self.auth.login(timeout)
 
     async def _log_in(self, deadline: float) -> str:
-        login = BY_NAME["LogInByAccount"]
-        body = {login.body_key: {"accountName": self.account, "password": self._digest}}
+        login, body = log_in_by_account(self.account, self._digest)
         resp = await self._request(login.method, login.path, deadline, None, json=body)
         return str(self._body(resp)["inventory"]["uuid"])
 
