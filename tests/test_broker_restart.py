@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -22,6 +23,27 @@ from zstack_mn.testing import servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 CONSUMERS_BACK_S = 30.0
+
+
+@pytest.fixture
+async def transport(amqp_url: str, topology: Topology, request: pytest.FixtureRequest) -> AsyncIterator[AmqpTransport]:
+    """A started transport on the test's vhost, closed afterwards."""
+    started = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name=request.node.name[:64])
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
+@pytest.fixture
+async def admin(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    """A plain aio-pika connection to look at queues beside the transport."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
 
 
 async def test_consumers_come_back_after_a_broker_restart(amqp_url: str):
@@ -75,80 +97,65 @@ async def _first_reply_within(caller: CloudBus, bound: float) -> dict[str, Any]:
             await asyncio.sleep(0.2)
 
 
-async def test_a_publish_the_broker_refuses_is_a_retryable_error(amqp_url: str, topology: Topology):
+async def test_a_publish_the_broker_refuses_is_a_retryable_error(
+    transport: AmqpTransport, admin: aio_pika.abc.AbstractConnection, topology: Topology
+):
     """A queue at its length limit with ``reject-publish`` makes RabbitMQ nack the publish: the
     transport raises TransportDown (the bus's retryable BUS_UNAVAILABLE), and goes on working."""
-    transport = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name="test-nack")
-    await transport.start()
-    admin = await aio_pika.connect(amqp_url)
-    try:
-        channel = await admin.channel()
-        full = await channel.declare_queue(
-            f"{topology.prefix}.full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
-        )
-        roomy = await channel.declare_queue(f"{topology.prefix}.roomy")
-        with pytest.raises(TransportDown, match="nack"):
-            await transport.publish(full.name, b"{}", message_id="refused")
-        await transport.publish(roomy.name, b"{}", message_id="taken")
-        taken = await roomy.get(timeout=5)
-        assert taken.message_id == "taken"
-        await taken.ack()
-    finally:
-        await admin.close()
-        await transport.close()
+    channel = await admin.channel()
+    full = await channel.declare_queue(
+        f"{topology.prefix}.full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    roomy = await channel.declare_queue(f"{topology.prefix}.roomy")
+    with pytest.raises(TransportDown, match="nack"):
+        await transport.publish(full.name, b"{}", message_id="refused")
+    await transport.publish(roomy.name, b"{}", message_id="taken")
+    taken = await roomy.get(timeout=5)
+    assert taken.message_id == "taken"
+    await taken.ack()
 
 
 async def test_a_publish_failed_by_a_channel_closed_without_a_reason_is_a_retryable_error(
-    amqp_url: str, topology: Topology, monkeypatch: pytest.MonkeyPatch
+    transport: AmqpTransport, monkeypatch: pytest.MonkeyPatch
 ):
     """aiormq fails what is in flight on a channel that closes without a reason with a bare
     ``Exception``: the transport raises TransportDown (the bus's retryable BUS_UNAVAILABLE), not
     an error the API would answer as INTERNAL_ERROR; any other error is left as it is."""
-    transport = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name="test-reasonless")
-    await transport.start()
-    try:
-        channel = transport._publish_channel
-        assert channel is not None
-        underlay = await channel.get_underlay_channel()
+    channel = transport._publish_channel
+    assert channel is not None
+    underlay = await channel.get_underlay_channel()
 
-        async def rejected_without_reason(*_: Any, **__: Any) -> None:
-            raise Exception
+    async def rejected_without_reason(*_: Any, **__: Any) -> None:
+        raise Exception
 
-        monkeypatch.setattr(underlay, "basic_publish", rejected_without_reason)
-        with pytest.raises(TransportDown, match="closed while"):
-            await transport.publish("any-queue", b"{}", message_id="in-flight")
+    monkeypatch.setattr(underlay, "basic_publish", rejected_without_reason)
+    with pytest.raises(TransportDown, match="closed while"):
+        await transport.publish("any-queue", b"{}", message_id="in-flight")
 
-        async def a_bug(*_: Any, **__: Any) -> None:
-            raise KeyError("a bug, not an outage")
+    async def a_bug(*_: Any, **__: Any) -> None:
+        raise KeyError("a bug, not an outage")
 
-        monkeypatch.setattr(underlay, "basic_publish", a_bug)
-        with pytest.raises(KeyError):
-            await transport.publish("any-queue", b"{}", message_id="buggy")
-    finally:
-        await transport.close()
+    monkeypatch.setattr(underlay, "basic_publish", a_bug)
+    with pytest.raises(KeyError):
+        await transport.publish("any-queue", b"{}", message_id="buggy")
 
 
-async def test_a_reply_waits_for_its_channel_to_reopen_on_a_live_connection(amqp_url: str, topology: Topology):
+async def test_a_reply_waits_for_its_channel_to_reopen_on_a_live_connection(
+    transport: AmqpTransport, admin: aio_pika.abc.AbstractConnection, topology: Topology
+):
     """After a reconnect aio-pika reopens channels one at a time: a handler can answer before
     the publishing channel is back. A reply (non-mandatory) waits for it, within the publish
     deadline, instead of being dropped; a request still fails at once, for its caller to retry."""
-    transport = AmqpTransport(amqp_url, topology, publish_timeout=5, connection_name="test-reopen")
-    await transport.start()
-    admin = await aio_pika.connect(amqp_url)
-    try:
-        replies = await (await admin.channel()).declare_queue(f"{topology.prefix}.replies")
-        channel = transport._publish_channel
-        assert channel is not None
-        await (await channel.get_underlay_channel()).close()
-        assert channel.is_closed
-        with pytest.raises(TransportDown):
-            await transport.publish(replies.name, b"request", message_id="request")
-        await (await channel.get_underlay_channel()).close()
-        assert channel.is_closed
-        await transport.publish(replies.name, b"{}", message_id="reply", mandatory=False)
-        got = await replies.get(timeout=5)
-        assert got.message_id == "reply"
-        await got.ack()
-    finally:
-        await admin.close()
-        await transport.close()
+    replies = await (await admin.channel()).declare_queue(f"{topology.prefix}.replies")
+    channel = transport._publish_channel
+    assert channel is not None
+    await (await channel.get_underlay_channel()).close()
+    assert channel.is_closed
+    with pytest.raises(TransportDown):
+        await transport.publish(replies.name, b"request", message_id="request")
+    await (await channel.get_underlay_channel()).close()
+    assert channel.is_closed
+    await transport.publish(replies.name, b"{}", message_id="reply", mandatory=False)
+    got = await replies.get(timeout=5)
+    assert got.message_id == "reply"
+    await got.ack()
