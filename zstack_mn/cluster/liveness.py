@@ -20,6 +20,10 @@ from zstack_mn.db.engine import Database
 log = structlog.get_logger(__name__)
 
 
+RETAKE_ATTEMPTS = 3
+RETAKE_PAUSE_S = 0.1
+
+
 def liveness_key(node_uuid: str) -> int:
     """A signed 64-bit advisory-lock key derived from the node uuid."""
     return int.from_bytes(uuidlib.UUID(node_uuid).bytes[:8], "big", signed=True)
@@ -34,6 +38,8 @@ class LivenessSession:
         self.timeout = timeout
         self._conn: AsyncConnection | None = None
         self.held_since: float | None = None
+        self._retaking: asyncio.Task[bool] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -72,20 +78,51 @@ class LivenessSession:
         self.held_since = time.monotonic()
         return True
 
-    async def lost(self) -> None:
-        """The session failed (a statement on it raised): drop it; the next ``ensure`` takes the
-        lock again on a new one."""
-        if self._conn is not None:
-            log.warning("liveness session lost; taking the lock again")
-        await self._drop()
+    def retake(self) -> None:
+        """Take the lock again in the background when it is not held, so that a heartbeat never
+        waits on a connect to a database host that may be gone (a killed primary whose name no
+        longer resolves, or whose address drops packets). One retake runs at a time; it makes up
+        to RETAKE_ATTEMPTS attempts with a growing pause (each attempt that fails on a host moves
+        the next one to the following host), and the next heartbeat starts another."""
+        if not self.enabled or self._conn is not None:
+            return
+        if self._retaking is None or self._retaking.done():
+            self._retaking = asyncio.get_running_loop().create_task(self._retake(), name="liveness-retake")
 
-    async def _drop(self) -> None:
+    async def settled(self) -> bool:
+        """Wait for the retake in progress, if any, to end; whether the lock is held now."""
+        if self._retaking is not None:
+            await asyncio.wait({self._retaking})
+        return self._conn is not None
+
+    async def _retake(self) -> bool:
+        for attempt in range(RETAKE_ATTEMPTS):
+            if await self.ensure():
+                return True
+            await asyncio.sleep(RETAKE_PAUSE_S * 2**attempt)
+        return False
+
+    def lost(self) -> None:
+        """The session failed, or the database no longer sees its lock: forget it now (the next
+        ``retake`` takes the lock on a new one) and close it in the background, within
+        ``timeout`` (closing a session to a vanished server can wait that long)."""
         conn, self._conn, self.held_since = self._conn, None, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.invalidate(), self.timeout)
+        if conn is None:
+            return
+        log.warning("liveness session lost; taking the lock again")
+        task = asyncio.get_running_loop().create_task(self._invalidate(conn), name="liveness-close")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _invalidate(self, conn: AsyncConnection) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.invalidate(), self.timeout)
 
     async def release(self) -> None:
+        retaking, self._retaking = self._retaking, None
+        if retaking is not None and not retaking.done():
+            retaking.cancel()
+            await asyncio.wait({retaking}, timeout=self.timeout)
         conn, self._conn, self.held_since = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):

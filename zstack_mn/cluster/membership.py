@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.bus.cloudbus import CloudBus
 from zstack_mn.cluster.events import GRACEFUL_STOP, NodeJoinedEvent, NodeLeftEvent
@@ -54,6 +55,13 @@ def _session_broken(exc: BaseException) -> bool:
         return True
     sqlstate = exc.details.get("sqlstate")
     return sqlstate is None or str(sqlstate).startswith(("08", "57P"))
+
+
+def _retrieve(task: asyncio.Task[Beat]) -> None:
+    """A beat no round waited for to the end: its outcome is read here, so that its failure is
+    not reported as an exception never retrieved (the round that needed it already logged)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def ring_digest(ring: HashRing) -> str:
@@ -111,6 +119,7 @@ class Membership:
         )
         self._written = asyncio.Event()
         self._session_timeouts = 0
+        self._session_beat: asyncio.Task[Beat] | None = None
         bus.metrics.heartbeat_age.set_function(self.heartbeat_age)
 
     @property
@@ -211,33 +220,78 @@ class Membership:
 
     async def _beat(self) -> Beat:
         """The heartbeat write and the membership read, one statement, on the liveness session
-        when this node holds it, within half the round. If that fails, the round goes on through
-        the pool, so a lost lock never stops heartbeats. A session whose connection failed is
-        replaced at once (its lock is gone with it); one that only timed out is replaced after
-        SESSION_TIMEOUTS rounds in a row (a busy event loop is slow, not dead, and dropping the
-        session would release the lock its peers read as this node's life); one that had a
-        statement refused (a lock or statement timeout) is kept."""
+        when this node holds it, waited for up to half the round. Otherwise the round goes on
+        through the pool, so a lost or slow lock session never stops heartbeats, and a lost lock
+        is taken again in the background (a connect to a primary that is gone must not hold the
+        heartbeat up).
+
+        The session's statement is never cancelled (a cancelled statement leaves its connection
+        unusable, and closing it releases the lock its peers read as this node's life): one that
+        outlives its wait keeps running, and the session is dropped only when it has been
+        waited on for SESSION_TIMEOUTS rounds (a busy event loop is slow, not dead), when its
+        connection failed (the lock is gone with it), or when the pool's write in the same round
+        reached a server that does not see the lock (after a fail-over the session still waits
+        on the old primary, and peers on the new one would soon evict a node whose lock they
+        cannot see). A statement refused (a lock or statement timeout) keeps the session."""
         digest = ring_digest(self.ring.ring)
-        session = self.liveness.connection if await self.liveness.ensure() else None
+        session = self.liveness.connection
         if session is not None:
             try:
-                async with asyncio.timeout(self._round_timeout / 2):
-                    with translated_errors():
-                        beat = await self.nodes.beat(self.node_uuid, digest, on=session)
-                self._session_timeouts = 0
-                return beat
+                return await self._beat_on_session(session, digest)
             except (ZStackError, TimeoutError, OSError) as exc:
-                self._session_timeouts = self._session_timeouts + 1 if isinstance(exc, TimeoutError) else 0
-                if _session_broken(exc) and (
-                    not isinstance(exc, TimeoutError) or self._session_timeouts >= SESSION_TIMEOUTS
-                ):
-                    await self.liveness.lost()
-                    await self.liveness.ensure()
+                if isinstance(exc, TimeoutError):
+                    self._session_timeouts += 1
+                    if self._session_timeouts >= SESSION_TIMEOUTS:
+                        self._drop_session()
+                else:
+                    self._session_timeouts = 0
+                    if _session_broken(exc):
+                        self._drop_session()
                 log.warning(
                     "heartbeat on the liveness session failed; writing it through the pool",
                     error=f"{type(exc).__name__}: {exc}",
                 )
-        return await self.nodes.beat(self.node_uuid, digest)
+        held_before = self.liveness.held_since
+        beat = await self.nodes.beat(self.node_uuid, digest)
+        if held_before is not None and self.liveness.held_since == held_before and self._lock_unseen(beat):
+            log.warning("the database does not see this node's liveness lock; its session is elsewhere")
+            self._drop_session()
+        self.liveness.retake()
+        return beat
+
+    async def _beat_on_session(self, session: AsyncConnection, digest: str) -> Beat:
+        """The beat on the liveness session within half the round; TimeoutError (the statement
+        goes on) when it takes longer or an earlier one is still running."""
+        pending = self._session_beat
+        if pending is not None and not pending.done():
+            raise TimeoutError("the previous heartbeat on the liveness session has not answered yet")
+        task = asyncio.get_running_loop().create_task(self._session_statement(session, digest))
+        task.add_done_callback(_retrieve)
+        self._session_beat = task
+        done, _ = await asyncio.wait({task}, timeout=self._round_timeout / 2)
+        if not done:
+            raise TimeoutError("the heartbeat on the liveness session is slow")
+        beat = task.result()
+        self._session_timeouts = 0
+        return beat
+
+    async def _session_statement(self, session: AsyncConnection, digest: str) -> Beat:
+        with translated_errors():
+            return await self.nodes.beat(self.node_uuid, digest, on=session)
+
+    def _drop_session(self) -> None:
+        self._drop_session_beat()
+        self._session_timeouts = 0
+        self.liveness.lost()
+
+    def _drop_session_beat(self) -> None:
+        pending, self._session_beat = self._session_beat, None
+        if pending is not None:
+            pending.cancel()
+
+    def _lock_unseen(self, beat: Beat) -> bool:
+        mine = next((r for r in beat.rows if r.uuid == self.node_uuid), None)
+        return mine is not None and mine.session_held is False
 
     def _apply(self, rows: list[NodeRow]) -> None:
         present = {r.uuid for r in rows}
@@ -346,4 +400,5 @@ class Membership:
                 await self.nodes.delete(self.node_uuid)
             except ZStackError as exc:
                 log.warning("could not delete the node row; peers will evict it", error=str(exc))
+        self._drop_session_beat()
         await self.liveness.release()

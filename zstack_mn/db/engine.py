@@ -104,6 +104,9 @@ class Database:
         self.direct: AsyncEngine = create_async_engine(self.url, poolclass=NullPool, **kwargs)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            for engine in (self.engine, self.direct):
+                event.listen(engine.sync_engine, "invalidate", _close_at_once)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
@@ -255,6 +258,16 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     cause = getattr(orig, "__cause__", None)
     return code or getattr(cause, "sqlstate", None)
+
+
+def _close_at_once(_dbapi_connection: Any, record: Any, _exc: BaseException | None) -> None:
+    """Close an invalidated asyncpg connection at once instead of gracefully. Invalidation means
+    its state is unknown or its server gone, and SQLAlchemy's graceful close waits up to 2 s
+    for a server that does not answer (a killed primary whose address drops packets); a caller
+    whose statement was cancelled by its own deadline would wait that out after the deadline."""
+    driver = record.driver_connection
+    if driver is not None:
+        driver.terminate()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
