@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
+
 from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.testing.cluster import ClusterHarness, Proc, add_hosts_and_vms
@@ -29,3 +33,15 @@ async def three_nodes_with_vms(harness: ClusterHarness, count: int) -> tuple[lis
 def owned(vms: list[str], ring_nodes: set[str], node: str) -> list[str]:
     ring = HashRing(ring_nodes)
     return [v for v in vms if ring.owner_of(v) == node]
+
+
+async def until_answered(http: httpx.AsyncClient, location: str, bound: float = 60.0) -> tuple[int, httpx.Response]:
+    """Poll a job (``Location`` of a 202) as a client would, within ``bound``: (how many polls
+    answered 202 with the job still Processing, the answer)."""
+    waiting = 0
+    async with asyncio.timeout(bound):
+        while (resp := await http.get(location)).status_code == 202:
+            assert resp.json()["job"]["state"] == "Processing"
+            waiting += 1
+            await asyncio.sleep(0.1)
+    return waiting, resp

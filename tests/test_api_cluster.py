@@ -4,11 +4,14 @@ real nodes on RabbitMQ and PostgreSQL; poison bytes on the API queue and a servi
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 
 import httpx
 import pytest
 
+from tests.cluster_helpers import until_answered
+from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.bus.amqp import AmqpTransport
 from zstack_mn.bus.topology import Topology
 from zstack_mn.bus.transport import Delivery, QueueKind
@@ -16,7 +19,7 @@ from zstack_mn.client import Client
 from zstack_mn.cluster.ring import HashRing
 from zstack_mn.messages import ErrorCode, ZStackError, decode
 from zstack_mn.messages.api import APIChangeHostStateMsg, APIDeleteHostMsg, APIReconnectHostMsg
-from zstack_mn.testing.cluster import ClusterHarness
+from zstack_mn.testing.cluster import ClusterHarness, agent_stats, set_agent_faults
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(300)]
 
@@ -91,6 +94,32 @@ async def test_every_api_over_amqp(cluster: ClusterHarness):
     finally:
         await client.close()
     assert_handled_by_owners(cluster, handled)
+
+
+async def test_a_job_whose_node_is_killed_is_finished_by_a_poll_on_another_node(cluster: ClusterHarness):
+    """A stop answered with a job (Prefer: respond-async) on node 0, node 0 killed at once: a poll
+    on node 1 takes the job over and answers the stop's outcome, applied once on the agent."""
+    assert cluster.agent is not None
+    async with cluster.client(cluster.urls()) as client:
+        host = await client.add_host("jobs-h", f"{cluster.agent.url}/hosts/jobs-1")
+        vm = await client.create_vm("jobs-vm", cpu_num=1, memory_size="64M", host_uuid=host["uuid"])
+    await set_agent_faults(cluster.agent.url, [AgentFault(op="stop", latency=2.0)])
+    accepting, poller = cluster.nodes[0], cluster.nodes[1]
+    headers = await cluster.auth_headers()
+    async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+        resp = await http.put(
+            f"{accepting.url}/v1/vm-instances/{vm['uuid']}/actions",
+            json={"stopVmInstance": {}},
+            headers={"Prefer": "respond-async"},
+        )
+        assert resp.status_code == 202, resp.text
+        accepting.signal(signal.SIGKILL)
+        _, done = await until_answered(http, poller.url + resp.headers["Location"])
+    assert done.status_code == 200, done.text
+    assert done.json()["inventory"]["state"] == "Stopped"
+    stats = await agent_stats(cluster.agent.url)
+    assert stats["vms"][vm["uuid"]]["state"] == "Stopped"
+    assert max(stats["effects"].values()) == 1, "an operation was applied twice on the agent"
 
 
 async def test_http_client_fails_over_to_a_live_node(cluster: ClusterHarness):

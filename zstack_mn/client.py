@@ -51,12 +51,14 @@ from zstack_mn.messages.api import (
     APIStopVmInstanceMsg,
 )
 from zstack_mn.messages.ids import IDEMPOTENCY_HEADER, SESSION_HEADER
-from zstack_mn.messages.rest import ACTION_PATHS
+from zstack_mn.messages.rest import ACTION_PATHS, JOBS_PATH
 
 if TYPE_CHECKING:
     from zstack_mn.web.zstack.catalog import ZApi
 
 RETRYABLE_HTTP = {500, 502, 503, 504}
+JOB_POLL_FIRST_S = 0.05
+JOB_POLL_MAX_S = 1.0
 SUSPECT_FOR = 15.0
 
 T = TypeVar("T")
@@ -223,10 +225,32 @@ class HttpTransport(ApiTransport):
         deadline = asyncio.get_running_loop().time() + timeout
         return await self.auth.call(
             deadline,
-            lambda session: self._exchange(
+            lambda session: self._answered(
                 method, path, data, query, {**headers, "Authorization": f"OAuth {session}"}, deadline
             ),
         )
+
+    async def _answered(
+        self,
+        method: str,
+        path: str,
+        data: bytes | None,
+        query: dict[str, Any] | None,
+        headers: dict[str, str],
+        deadline: float,
+    ) -> dict[str, Any]:
+        """The call's answer: when the node answers with a job (the operation outlived the
+        node's wait), the job polled until it answers, within ``deadline``."""
+        reply = await self._exchange(method, path, data, query, headers, deadline)
+        poll_headers = {"Authorization": headers["Authorization"]}
+        delay = JOB_POLL_FIRST_S
+        while (job := _job_of(reply)) is not None:
+            if asyncio.get_running_loop().time() + delay >= deadline:
+                raise ZStackError(ErrorCode.TIMEOUT, f"job {job} was still running at the client's deadline", job=job)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, JOB_POLL_MAX_S)
+            reply = await self._exchange("GET", f"{JOBS_PATH}/{job}", None, None, poll_headers, deadline)
+        return reply
 
     async def login(self, timeout: float = 30.0) -> str:
         return await self.auth.login(timeout)
@@ -303,6 +327,14 @@ class HttpTransport(ApiTransport):
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _job_of(reply: dict[str, Any]) -> str | None:
+    """The uuid of the job a 202 answer names (the operation goes on as that job)."""
+    job = reply.get("job")
+    if isinstance(job, dict) and job.get("state") == "Processing" and isinstance(job.get("uuid"), str):
+        return str(job["uuid"])
+    return None
 
 
 def _outcome(status: int, content: bytes) -> tuple[ZStackError | None, dict[str, Any]]:

@@ -13,6 +13,9 @@ from zstack_mn.messages.api import (
 )
 from zstack_mn.messages.base import Message
 
+JOBS_PATH = "/v1/jobs"
+"""Where an operation answered with 202 is polled: ``JOBS_PATH/<job uuid>``."""
+
 VM_ACTIONS: dict[str, type[Message]] = {
     "startVmInstance": APIStartVmInstanceMsg,
     "stopVmInstance": APIStopVmInstanceMsg,

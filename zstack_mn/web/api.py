@@ -8,8 +8,11 @@ their code; the node that handled a request is in ``X-Handled-By``.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import re
 import time
+import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Self
 
@@ -48,12 +51,13 @@ from zstack_mn.messages.api import (
 from zstack_mn.messages.envelope import validation_error
 from zstack_mn.messages.ids import request_id_for_key
 from zstack_mn.messages.inventory import DeletedReply, HostPage, HostReply, ManagementNodePage, VmPage, VmReply
-from zstack_mn.messages.rest import HOST_ACTIONS, VM_ACTIONS
+from zstack_mn.messages.rest import HOST_ACTIONS, JOBS_PATH, VM_ACTIONS
 from zstack_mn.messages.types import Uuid
 from zstack_mn.services.api_portal import ApiPortal
 from zstack_mn.web import openapi
 from zstack_mn.web.openapi import ACTION_ERRORS, OPS_ERRORS, QUERY_ERRORS, READ_ERRORS, Health, Readiness
 from zstack_mn.web.zstack import mount as mount_zstack_api
+from zstack_mn.web.zstack.jobs import JobRunner
 from zstack_mn.web.zstack.sessions import SessionGuard, session_of_authorization
 
 log = structlog.get_logger(__name__)
@@ -65,6 +69,7 @@ BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _HTTP_CODES = {404: ErrorCode.RESOURCE_NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}
 """The code of an error the router answers itself (no route, no such method on a route)."""
 KEY_HEADER = "Idempotency-Key"
+PREFER_HEADER = "Prefer"
 KEY_MAX_LENGTH = 200
 _ACTION_PATH = re.compile(r"/v1/(vm-instances|hosts)/([^/]+)/actions")
 _UUID = TypeAdapter(Uuid)
@@ -126,6 +131,59 @@ AddHostRequest = create_model("AddHostRequest", __config__=ConfigDict(extra="for
 def _json(body: dict[str, Any], handled_by: str) -> Response:
     """A reply body as JSON bytes (orjson), with the node that handled it."""
     return Response(orjson.dumps(body), media_type="application/json", headers={HANDLED_BY: handled_by})
+
+
+def _accepted(job: str, *, applied: bool) -> Response:
+    """202: the operation goes on as job ``job``; ``applied``: because the request's Prefer asked."""
+    headers = {"Location": f"{JOBS_PATH}/{job}"}
+    if applied:
+        headers["Preference-Applied"] = "respond-async"
+    return Response(
+        orjson.dumps({"job": {"uuid": job, "state": "Processing"}}),
+        status_code=202,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def preferred_wait(prefer: str | None, limit: float) -> float | None:
+    """Seconds the caller waits for an operation's answer before it takes a job, from RFC 7240's
+    ``Prefer``: ``respond-async`` alone is 0, ``wait=N`` is N (with or without it), at most
+    ``limit`` (the call deadline); None when it asks for neither (the call's own deadline). A
+    preference it cannot read is ignored, as the RFC says."""
+    if not prefer:
+        return None
+    respond_async, wait = False, None
+    for item in prefer.split(","):
+        token, _, value = item.split(";")[0].strip().partition("=")
+        token = token.strip().lower()
+        if token == "respond-async":
+            respond_async = True
+        elif token == "wait":
+            try:
+                seconds = float(value.strip().strip('"'))
+            except ValueError:
+                continue
+            if math.isfinite(seconds) and seconds >= 0:
+                wait = seconds
+    if wait is None:
+        return 0.0 if respond_async else None
+    return min(wait, limit)
+
+
+def _retrieve(call: asyncio.Future[Any]) -> None:
+    """Read the outcome of a call nobody may wait for to the end (its caller took a job, or the
+    job could not be recorded), so that its failure is not logged as never retrieved."""
+    if not call.cancelled():
+        call.exception()
+
+
+def _timed_out(call: asyncio.Future[Any]) -> bool:
+    """The call ended because its deadline passed (the work it asked for may go on)."""
+    if call.cancelled():
+        return False
+    err = call.exception()
+    return isinstance(err, ZStackError) and err.code is ErrorCode.TIMEOUT
 
 
 def error_response(err: ZStackError) -> JSONResponse:
@@ -191,10 +249,45 @@ def create_app(
         request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
         return await portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout)
 
-    async def run(msg: Message, key: str | None) -> Response:
-        """The portal's answer as the HTTP response (orjson, no second validation of the body)."""
-        body, handled_by = await answer(msg, key)
-        return _json(body, handled_by)
+    jobs = JobRunner(portal)
+    job_timeout = portal.ctx.settings.job_timeout
+
+    async def run(msg: Message, key: str | None, prefer: str | None = None) -> Response:
+        """An operation's answer as the HTTP response (orjson, no second validation of the
+        body); when it is still running once the caller's wait ends (``Prefer``, else the call
+        deadline), a 202 with the job it goes on as, instead of a 504 for work that goes on."""
+        request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
+        wait = preferred_wait(prefer, call_timeout)
+        if wait is None:
+            try:
+                body, handled_by = await portal.handle(
+                    msg, request_id=request_id, keyed=bool(key), timeout=call_timeout
+                )
+            except ZStackError as err:
+                if err.code is not ErrorCode.TIMEOUT:
+                    raise
+                return await as_job(msg, request_id, None, applied=False)
+            return _json(body, handled_by)
+        call = asyncio.ensure_future(portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout))
+        call.add_done_callback(_retrieve)
+        try:
+            done, _ = await asyncio.wait({call}, timeout=wait)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if done and not _timed_out(call):
+            body, handled_by = call.result()
+            return _json(body, handled_by)
+        return await as_job(msg, request_id, None if done else call, applied=True)
+
+    async def as_job(
+        msg: Message, request_id: str, running: asyncio.Future[tuple[dict[str, Any], str]] | None, *, applied: bool
+    ) -> Response:
+        """The operation as a job of this node, finished by ``running`` (the call still under
+        way) or, when that already ended with its deadline passed, by a run under the same
+        request id, which waits for the work in the resource's chain or reads its record."""
+        await jobs.adopt(msg, uuidlib.UUID(request_id).hex, running, job_timeout)
+        return _accepted(request_id, applied=applied)
 
     fast = ActionFastPath(run) if fast_actions else None
     app.state.fast_path = fast
@@ -207,6 +300,13 @@ def create_app(
             raise validation_error(exc, api.type_name) from None
 
     key_header = Header(None, alias=KEY_HEADER, min_length=1, max_length=KEY_MAX_LENGTH)
+    prefer_header = Header(
+        None,
+        alias=PREFER_HEADER,
+        max_length=256,
+        description="RFC 7240: respond-async (a job at once) or wait=N (a job after N seconds); "
+        "without it the call waits up to its deadline, then answers with a job",
+    )
 
     async def page(msg: APIQueryVmInstanceMsg | APIQueryHostMsg) -> Response:
         """A VM or host query, answered from the database here (any node can)."""
@@ -216,12 +316,14 @@ def create_app(
         )
         return _json(msg.reply(total, rows), node_uuid)
 
-    vm_reply: dict[int | str, dict[str, Any]] = {200: {"model": VmReply}}
-    host_reply: dict[int | str, dict[str, Any]] = {200: {"model": HostReply}}
+    vm_reply: dict[int | str, dict[str, Any]] = {200: {"model": VmReply}, **openapi.accepted()}
+    host_reply: dict[int | str, dict[str, Any]] = {200: {"model": HostReply}, **openapi.accepted()}
 
     @app.post("/v1/vm-instances", tags=["vm"], responses={**vm_reply, **openapi.errors(ACTION_ERRORS)})
-    async def create_vm(body: CreateVmRequest, key: str | None = key_header) -> Response:
-        return await run(body.params, key)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
+    async def create_vm(
+        body: CreateVmRequest, key: str | None = key_header, prefer: str | None = prefer_header
+    ) -> Response:
+        return await run(body.params, key, prefer)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
 
     @app.get("/v1/vm-instances", tags=["vm"], responses={200: {"model": VmPage}, **openapi.errors(QUERY_ERRORS)})
     async def query_vms(query: Annotated[APIQueryVmInstanceMsg, Query()]) -> Response:
@@ -238,16 +340,23 @@ def create_app(
         return await get_one(APIQueryVmInstanceMsg, "vm", uuid)
 
     @app.put("/v1/vm-instances/{uuid}/actions", tags=["vm"], responses={**vm_reply, **openapi.errors(ACTION_ERRORS)})
-    async def vm_action(uuid: Uuid, body: VmActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
-        return await run(_action_message(uuid, body, VM_ACTIONS), key)
+    async def vm_action(
+        uuid: Uuid,
+        body: VmActionRequest,  # type: ignore[valid-type]  # a model class made by create_model at import time
+        key: str | None = key_header,
+        prefer: str | None = prefer_header,
+    ) -> Response:
+        return await run(_action_message(uuid, body, VM_ACTIONS), key, prefer)
 
     @app.delete("/v1/vm-instances/{uuid}", tags=["vm"], responses={**vm_reply, **openapi.errors(ACTION_ERRORS)})
-    async def destroy_vm(uuid: Uuid, key: str | None = key_header) -> Response:
-        return await run(build(APIDestroyVmInstanceMsg, {"uuid": uuid}), key)
+    async def destroy_vm(uuid: Uuid, key: str | None = key_header, prefer: str | None = prefer_header) -> Response:
+        return await run(build(APIDestroyVmInstanceMsg, {"uuid": uuid}), key, prefer)
 
     @app.post("/v1/hosts", tags=["host"], responses={**host_reply, **openapi.errors(ACTION_ERRORS)})
-    async def add_host(body: AddHostRequest, key: str | None = key_header) -> Response:
-        return await run(body.params, key)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
+    async def add_host(
+        body: AddHostRequest, key: str | None = key_header, prefer: str | None = prefer_header
+    ) -> Response:
+        return await run(body.params, key, prefer)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
 
     @app.get("/v1/hosts", tags=["host"], responses={200: {"model": HostPage}, **openapi.errors(QUERY_ERRORS)})
     async def query_hosts(query: Annotated[APIQueryHostMsg, Query()]) -> Response:
@@ -258,14 +367,47 @@ def create_app(
         return await get_one(APIQueryHostMsg, "host", uuid)
 
     @app.put("/v1/hosts/{uuid}/actions", tags=["host"], responses={**host_reply, **openapi.errors(ACTION_ERRORS)})
-    async def host_action(uuid: Uuid, body: HostActionRequest, key: str | None = key_header) -> Response:  # type: ignore[valid-type]  # a model class made by create_model at import time
-        return await run(_action_message(uuid, body, HOST_ACTIONS), key)
+    async def host_action(
+        uuid: Uuid,
+        body: HostActionRequest,  # type: ignore[valid-type]  # a model class made by create_model at import time
+        key: str | None = key_header,
+        prefer: str | None = prefer_header,
+    ) -> Response:
+        return await run(_action_message(uuid, body, HOST_ACTIONS), key, prefer)
 
     @app.delete(
-        "/v1/hosts/{uuid}", tags=["host"], responses={200: {"model": DeletedReply}, **openapi.errors(ACTION_ERRORS)}
+        "/v1/hosts/{uuid}",
+        tags=["host"],
+        responses={200: {"model": DeletedReply}, **openapi.accepted(), **openapi.errors(ACTION_ERRORS)},
     )
-    async def delete_host(uuid: Uuid, key: str | None = key_header) -> Response:
-        return await run(build(APIDeleteHostMsg, {"uuid": uuid}), key)
+    async def delete_host(uuid: Uuid, key: str | None = key_header, prefer: str | None = prefer_header) -> Response:
+        return await run(build(APIDeleteHostMsg, {"uuid": uuid}), key, prefer)
+
+    @app.get(
+        JOBS_PATH + "/{uuid}",
+        tags=["jobs"],
+        responses={
+            200: {"model": VmReply | HostReply | DeletedReply, "description": "the operation's answer"},
+            **openapi.accepted(),
+            **openapi.errors(ACTION_ERRORS),
+        },
+    )
+    async def get_job(uuid: Uuid) -> Response:
+        """An operation that answered 202: 202 while it runs, then what it answered (its status,
+        body and handling node), from any node; a job whose node is gone is taken over here. The
+        job's uuid is its request id (the job table keeps it without dashes, as ZStack's)."""
+        job = await jobs.poll(uuidlib.UUID(uuid).hex, plain=True)
+        if job is None:
+            raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"job {uuid} not found (or expired)", uuid=uuid)
+        if not job.done:
+            return _accepted(uuid, applied=False)
+        assert job.result is not None
+        return Response(
+            orjson.dumps(job.result["body"]),
+            status_code=int(job.result["status"]),
+            media_type="application/json",
+            headers={HANDLED_BY: str(job.result.get("handledBy") or node_uuid)},
+        )
 
     @app.get(
         "/v1/management-nodes",
@@ -273,7 +415,7 @@ def create_app(
         responses={200: {"model": ManagementNodePage}, **openapi.errors(QUERY_ERRORS)},
     )
     async def management_nodes(query: Annotated[APIQueryManagementNodeMsg, Query()]) -> Response:
-        return await run(query, None)
+        return _json(*await answer(query, None))
 
     @app.get("/healthz", tags=["ops"], response_model=Health, responses=openapi.errors(OPS_ERRORS))
     async def healthz() -> dict[str, str]:
@@ -312,7 +454,7 @@ def create_app(
 
     # After the plain API's dozen routes: Starlette matches routes in order, so a /v1 call does
     # not try ZStack's forty paths first (a ZStack call tries the dozen instead).
-    mount_zstack_api(app, portal, guard)
+    mount_zstack_api(app, portal, guard, jobs)
     app.state.started = time.time()
     return app
 
@@ -437,6 +579,8 @@ class ActionFastPath:
             elif name == b"idempotency-key":
                 key = value.decode("latin-1")
                 keys += 1
+            elif name == b"prefer":
+                return None
         if not json or not body or keys > 1 or (key is not None and not 1 <= len(key) <= KEY_MAX_LENGTH):
             return None
         try:

@@ -5,7 +5,7 @@ API never sends (a bad field is a 400)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -35,6 +35,38 @@ ACTION_ERRORS = (400, 404, 409, 413, 502, 503, 504)
 """An action can also meet a state conflict (409), its agent failing or unreachable (502) and a
 deadline (504)."""
 OPS_ERRORS = (413, 503)
+
+
+JOB_HEADERS: dict[str, Any] = {
+    "Location": {"description": "the job to poll: /v1/jobs/{uuid}", "schema": {"type": "string"}},
+    "Preference-Applied": {
+        "description": "respond-async, when the job was made because the request's Prefer asked for it",
+        "schema": {"type": "string"},
+    },
+}
+
+
+class JobRef(BaseModel):
+    uuid: str
+    state: Literal["Processing"]
+
+
+class JobAccepted(BaseModel):
+    """An operation still running when its caller's wait ended: poll ``/v1/jobs/{uuid}``."""
+
+    job: JobRef
+
+
+def accepted() -> dict[int | str, dict[str, Any]]:
+    """The ``responses`` entry of an operation that may answer with a job."""
+    return {
+        202: {
+            "model": JobAccepted,
+            "description": "still running when the caller's wait ended (the request's Prefer: respond-async "
+            "or wait=N, else the call deadline): poll the job at Location until it answers other than 202",
+            "headers": JOB_HEADERS,
+        }
+    }
 
 
 class Health(BaseModel):

@@ -14,16 +14,17 @@ from fastapi import FastAPI
 
 from zstack_mn.services.api_portal import ApiPortal
 from zstack_mn.web.zstack import openapi
+from zstack_mn.web.zstack.jobs import JobRunner
 from zstack_mn.web.zstack.rest import mount_rest
 from zstack_mn.web.zstack.rpc import mount_rpc
 from zstack_mn.web.zstack.service import ZStackApi
 from zstack_mn.web.zstack.sessions import SessionGuard
 
 
-def mount(app: FastAPI, portal: ApiPortal, guard: SessionGuard) -> ZStackApi:
-    """Serve the ZStack API from ``app``, with the node's session guard; returns the adapters'
-    shared state (for tests)."""
-    zapi = ZStackApi(portal, guard)
+def mount(app: FastAPI, portal: ApiPortal, guard: SessionGuard, jobs: JobRunner | None = None) -> ZStackApi:
+    """Serve the ZStack API from ``app``, with the node's session guard and its job runner (one
+    for both APIs); returns the adapters' shared state (for tests)."""
+    zapi = ZStackApi(portal, guard, jobs)
     mount_rest(app, zapi)
     mount_rpc(app, zapi)
     _document(app)

@@ -94,7 +94,7 @@ _NO_TAGS = Refuse("zstack-mn has no tag service")
 COMMON_FIELDS: dict[str, Rule] = {
     "session": Ignore("the session is checked before the message is built"),
     "sessionId": Ignore("the session is checked before the message is built"),
-    "timeout": Ignore("the client's own polling bound; a job's deadline is the node's call_timeout"),
+    "timeout": Ignore("the client's own polling bound; a job's deadline is the node's job_timeout"),
     "pollingInterval": Ignore("a client-side setting"),
     "serviceId": Ignore("ZStack's bus routing; the portal routes by the ring"),
     "id": Ignore("the job uuid (RPC); used as the request id when it is 32 hex characters"),

@@ -12,6 +12,10 @@ it has left the ring, or its lease (the call's deadline plus a grace) has passed
 node claims it (one claimer wins) and runs it again under the same request id, which finishes
 it from the records when the work was done and does it otherwise. After ``MAX_ATTEMPTS`` runs
 the job ends with a timeout error, so no poll answers ``Processing`` for ever.
+
+The plain ``/v1`` API's operations become jobs the same way when they outlive their caller's
+wait (``adopt``): their ``api`` is ``v1:<message type>`` and their outcome the HTTP status and
+body the call would have answered. Each API's polls see only their own kind of job.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import contextlib
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -40,6 +45,8 @@ MAX_ATTEMPTS = 3
 JOB_RETENTION_S = 24 * 3600
 SWEEP_EVERY_S = 600.0
 RECORD_RETRY_S = 30.0
+V1_JOB = "v1:"
+"""The ``api`` of a plain-API job starts with this; a ZStack job's is ZStack's API name."""
 
 
 def request_id_of(job_uuid: str) -> str:
@@ -60,56 +67,104 @@ class JobRunner:
         client resending it) is left to the run that has it; one recorded for another request is
         refused (ZStack's "Duplicate job uuid"), so that a client never gets another call's
         outcome for its own."""
+        await self._start(api.name, msg, job_uuid, timeout, None)
+
+    async def adopt(
+        self,
+        msg: Message,
+        job_uuid: str,
+        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
+        timeout: float,
+    ) -> None:
+        """A plain-API call that outlived its caller's wait becomes a job of this node: recorded
+        (any node answers its polls, and one takes it over if this one goes), finished by
+        ``running`` (None: it ended already) and, while what that ends with is retryable (its
+        deadline passed while the work went on), by runs again under the same request id for up
+        to ``timeout``."""
+        await self._start(V1_JOB + msg.type_name, msg, job_uuid, timeout, running)
+
+    async def _start(
+        self,
+        name: str,
+        msg: Message,
+        job_uuid: str,
+        timeout: float,
+        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
+    ) -> None:
         await self._sweep()
         stored = {"type": msg.type_name, "body": msg.to_wire()}
-        if await self.jobs.create(job_uuid, api.name, stored, self.node, timeout + LEASE_GRACE_S):
-            self._spawn(api, msg, job_uuid, timeout)
+        if await self.jobs.create(job_uuid, name, stored, self.node, timeout + LEASE_GRACE_S):
+            self._spawn(name, msg, job_uuid, timeout, running)
             return
         existing = await self.jobs.get(job_uuid)
-        if existing is not None and (
-            existing.api != api.name or existing.message != orjson.loads(orjson.dumps(stored))
-        ):
+        if existing is not None and (existing.api != name or existing.message != orjson.loads(orjson.dumps(stored))):
             raise ZStackError(
                 ErrorCode.DUPLICATE_RESOURCE,
                 f"duplicate job uuid {job_uuid}: it was given to another request ({existing.api})",
                 job=job_uuid,
             )
 
-    async def poll(self, job_uuid: str) -> JobRow | None:
-        """The job as recorded; a stalled one is claimed and started again here (not awaited)."""
+    async def poll(self, job_uuid: str, *, plain: bool = False) -> JobRow | None:
+        """The job as recorded (None when there is none of this kind: ``plain`` for the /v1
+        API's, else ZStack's); a stalled one is claimed and started again here (not awaited)."""
         job = await self.jobs.get(job_uuid)
-        if job is None or job.done:
+        if job is None or job.api.startswith(V1_JOB) != plain:
+            return None
+        if job.done:
             return job
         if self.portal.ctx.is_working(job.node) and not job.lease_expired:
             return job
-        api = BY_NAME[job.api]
-        timeout = self.portal.ctx.settings.call_timeout
+        timeout = self.portal.ctx.settings.job_timeout
         if job.attempts >= MAX_ATTEMPTS:
-            err = ZStackError(ErrorCode.TIMEOUT, f"{api.name} did not finish after {job.attempts} attempts")
-            await self.jobs.finish(job_uuid, False, {"error": error_body(err)})
+            err = ZStackError(ErrorCode.TIMEOUT, f"{job.api} did not finish after {job.attempts} attempts")
+            await self.jobs.finish(job_uuid, False, _failure(job.api, err))
             return await self.jobs.get(job_uuid)
         if await self.jobs.claim(job, self.node, timeout + LEASE_GRACE_S):
-            log.info("taking over an API job", job=job_uuid, api=api.name, was=job.node, attempt=job.attempts + 1)
+            log.info("taking over an API job", job=job_uuid, api=job.api, was=job.node, attempt=job.attempts + 1)
             cls = registry.get(job.message["type"])
             assert issubclass(cls, Message)
-            self._spawn(api, cls.model_validate(job.message["body"]), job_uuid, timeout)
+            self._spawn(job.api, cls.model_validate(job.message["body"]), job_uuid, timeout, None)
         return job
 
-    def _spawn(self, api: ZApi, msg: Message, job_uuid: str, timeout: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(api, msg, job_uuid, timeout), name=f"job-{job_uuid}")
+    def _spawn(
+        self,
+        name: str,
+        msg: Message,
+        job_uuid: str,
+        timeout: float,
+        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._run(name, msg, job_uuid, timeout, running), name=f"job-{job_uuid}"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, api: ZApi, msg: Message, job_uuid: str, timeout: float) -> None:
-        """Run the job to an outcome. A retryable error (no route, a node gone, a timeout) is
-        tried again under the same request id until the job's deadline, as the HTTP client
-        does; one met while this node is out of the ring is not recorded, so the job is taken
-        over by a poller on a node that is in it."""
+    async def _run(
+        self,
+        name: str,
+        msg: Message,
+        job_uuid: str,
+        timeout: float,
+        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
+    ) -> None:
+        """Run the job to an outcome (first by waiting for ``running``, when the call was
+        started before the job). A retryable error (no route, a node gone, a timeout) is tried
+        again under the same request id until the job's deadline, as the HTTP client does; one
+        met while this node is out of the ring is not recorded, so the job is taken over by a
+        poller on a node that is in it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.1
         while True:
-            success, result, err = await self.call(api, msg, request_id_of(job_uuid), max(deadline - loop.time(), 0.1))
+            if running is not None:
+                success, result, err = await _outcome(name, running)
+                running = None
+            else:
+                left = max(deadline - loop.time(), 0.1)
+                success, result, err = await _outcome(
+                    name, self.portal.handle(msg, request_id=request_id_of(job_uuid), keyed=True, timeout=left)
+                )
             if err is None or not err.retryable:
                 break
             if self.node not in self.portal.ctx.ring.nodes:
@@ -122,21 +177,6 @@ class JobRunner:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         await self._record(job_uuid, success, result)
-
-    async def call(
-        self, api: ZApi, msg: Message, request_id: str, timeout: float
-    ) -> tuple[bool, dict[str, Any], ZStackError | None]:
-        """Run the call through the portal once: (success, ZStack reply body or
-        ``{"error": ...}``, the error)."""
-        try:
-            body, _ = await self.portal.handle(msg, request_id=request_id, keyed=True, timeout=timeout)
-            return True, inventories.reply_body(api.inventory, body), None
-        except ZStackError as err:
-            return False, {"error": error_body(err)}, err
-        except Exception as exc:  # a job must end with an outcome whatever went wrong
-            log.exception("API job failed", api=api.name)
-            internal = internal_error(exc)
-            return False, {"error": error_body(internal)}, internal
 
     async def _record(self, job_uuid: str, success: bool, result: dict[str, Any]) -> None:
         """Write the outcome, retrying a database outage for RECORD_RETRY_S; if it still fails,
@@ -162,3 +202,28 @@ class JobRunner:
         removed = await self.jobs.expire(JOB_RETENTION_S)
         if removed:
             log.info("expired API jobs", removed=removed)
+
+
+async def _outcome(
+    name: str, call: Awaitable[tuple[dict[str, Any], str]]
+) -> tuple[bool, dict[str, Any], ZStackError | None]:
+    """One run of a job's call through the portal: (success, the job's result, the error). A
+    ZStack job's result is ZStack's reply body (or ``{"error": ...}``); a plain-API job's is
+    the status, body and handling node the /v1 call would have answered with."""
+    try:
+        body, handled_by = await call
+    except ZStackError as err:
+        return False, _failure(name, err), err
+    except Exception as exc:  # a job must end with an outcome whatever went wrong
+        log.exception("API job failed", api=name)
+        internal = internal_error(exc)
+        return False, _failure(name, internal), internal
+    if name.startswith(V1_JOB):
+        return True, {"status": 200, "body": body, "handledBy": handled_by}, None
+    return True, inventories.reply_body(BY_NAME[name].inventory, body), None
+
+
+def _failure(name: str, err: ZStackError) -> dict[str, Any]:
+    if name.startswith(V1_JOB):
+        return {"status": err.code.http_status, "body": {"error": err.to_info().model_dump()}}
+    return {"error": error_body(err)}

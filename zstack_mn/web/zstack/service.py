@@ -27,13 +27,13 @@ def job_uuid_of(value: object) -> str | None:
 
 
 class ZStackApi:
-    def __init__(self, portal: ApiPortal, guard: SessionGuard) -> None:
+    def __init__(self, portal: ApiPortal, guard: SessionGuard, jobs: JobRunner | None = None) -> None:
         settings = portal.ctx.settings
         self.portal = portal
         self.guard = guard
-        self.jobs = JobRunner(portal)
+        self.jobs = jobs or JobRunner(portal)
         self.context = Context(kvm_agent_url=settings.kvm_agent_url)
-        self.call_timeout = settings.call_timeout
+        self.job_timeout = settings.job_timeout
 
     async def session_api(self, api: ZApi, params: Mapping[str, Any]) -> dict[str, Any]:
         """LogInByAccount, LogOut, ValidateSession: the reply body (RPC field names)."""
@@ -57,5 +57,5 @@ class ZStackApi:
         await self.guard.require(session)
         msg = api.build(params, self.context)
         job = job_uuid or new_uuid()
-        await self.jobs.submit(api, msg, job, self.call_timeout)
+        await self.jobs.submit(api, msg, job, self.job_timeout)
         return job
