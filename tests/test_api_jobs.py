@@ -140,3 +140,14 @@ async def test_the_python_client_follows_a_job_to_the_operations_answer(node: No
     async with Client.http([node.http_url], timeout=30) as client:
         stopped = await client.stop_vm(vm["uuid"])
     assert stopped["state"] == "Stopped"
+
+
+async def test_a_host_operation_answers_itself_not_with_a_job(node: Node, http: httpx.AsyncClient) -> None:
+    """Host operations record no outcome a second run could answer from, so they are never run
+    again as jobs: they answer when they end (or 504 at the deadline), Prefer or not."""
+    hosts = (await http.get("/v1/hosts")).json()["inventories"]
+    resp = await http.put(
+        f"/v1/hosts/{hosts[0]['uuid']}/actions", json={"reconnectHost": {}}, headers={"Prefer": "respond-async"}
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["inventory"]["status"] == "Connected"

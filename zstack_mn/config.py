@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     call_timeout: float = Field(30.0, gt=0, le=3600)
     job_timeout: float = Field(600.0, gt=0, le=86_400)
     """How long an operation answered with a job (ZStack's asynchronous API, a ``/v1`` 202) may
-    run before its job ends with a timeout error."""
+    run, in runs of up to ``call_timeout`` each, before its job ends with a timeout error."""
     publish_timeout: float = Field(5.0, gt=0, le=120)
     amqp_heartbeat: int = Field(5, ge=1, le=600)
     max_message_bytes: int = Field(1 << 20, ge=1024, le=(16 << 20) - 1024)

@@ -30,7 +30,8 @@ def liveness_key(node_uuid: str) -> int:
 
 
 class LivenessSession:
-    """Holds this node's advisory lock; ``ensure`` re-takes it after a database restart."""
+    """Holds this node's advisory lock: ``ensure`` takes it (at join), ``retake`` takes it again
+    in the background once it was ``lost`` (a database restart or fail-over)."""
 
     def __init__(self, db: Database, node_uuid: str, timeout: float) -> None:
         self.db = db
@@ -61,6 +62,7 @@ class LivenessSession:
             return True
         if self._conn is not None:
             return True
+        conn: AsyncConnection | None = None
         try:
             conn = await asyncio.wait_for(self.db.direct.connect(), self.timeout)
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -68,10 +70,14 @@ class LivenessSession:
                 conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}), self.timeout
             )
             if not got.scalar():
-                await conn.close()
+                self._close_later(conn)
                 log.error("liveness lock is held by another session", key=self.key)
                 return False
-        except Exception as exc:
+        except BaseException as exc:
+            if conn is not None:
+                self._close_later(conn)  # cancelled (release) after the connect: it may hold the lock
+            if not isinstance(exc, Exception):
+                raise
             log.warning("cannot take the liveness lock", error=f"{type(exc).__name__}: {exc}")
             return False
         self._conn = conn
@@ -104,12 +110,14 @@ class LivenessSession:
 
     def lost(self) -> None:
         """The session failed, or the database no longer sees its lock: forget it now (the next
-        ``retake`` takes the lock on a new one) and close it in the background, within
-        ``timeout`` (closing a session to a vanished server can wait that long)."""
+        ``retake`` takes the lock on a new one) and close it in the background."""
         conn, self._conn, self.held_since = self._conn, None, None
         if conn is None:
             return
         log.warning("liveness session lost; taking the lock again")
+        self._close_later(conn)
+
+    def _close_later(self, conn: AsyncConnection) -> None:
         task = asyncio.get_running_loop().create_task(self._invalidate(conn), name="liveness-close")
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -131,3 +139,5 @@ class LivenessSession:
                 )
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), self.timeout)
+        if self._closing:
+            await asyncio.wait(self._closing, timeout=self.timeout)

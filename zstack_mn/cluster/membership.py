@@ -27,6 +27,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import structlog
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from zstack_mn.bus.cloudbus import CloudBus
@@ -37,7 +38,7 @@ from zstack_mn.cluster.ring import HashRing, LiveRing
 from zstack_mn.config import Settings
 from zstack_mn.db.engine import Database, translated_errors
 from zstack_mn.db.nodes import JOINING, LEAVING, RUNNING, Beat, NodeRepository, NodeRow
-from zstack_mn.messages import Event, ZStackError
+from zstack_mn.messages import ErrorCode, Event, ZStackError
 from zstack_mn.periodic import Periodic
 
 log = structlog.get_logger(__name__)
@@ -238,7 +239,7 @@ class Membership:
         if session is not None:
             try:
                 return await self._beat_on_session(session, digest)
-            except (ZStackError, TimeoutError, OSError) as exc:
+            except (ZStackError, TimeoutError, OSError, SQLAlchemyError) as exc:
                 if isinstance(exc, TimeoutError):
                     self._session_timeouts += 1
                     if self._session_timeouts >= SESSION_TIMEOUTS:
@@ -252,19 +253,30 @@ class Membership:
                     error=f"{type(exc).__name__}: {exc}",
                 )
         held_before = self.liveness.held_since
-        beat = await self.nodes.beat(self.node_uuid, digest)
-        if held_before is not None and self.liveness.held_since == held_before and self._lock_unseen(beat):
-            log.warning("the database does not see this node's liveness lock; its session is elsewhere")
-            self._drop_session()
-        self.liveness.retake()
+        try:
+            beat = await self.nodes.beat(self.node_uuid, digest)
+            if held_before is not None and self.liveness.held_since == held_before and self._lock_unseen(beat):
+                log.warning("the database does not see this node's liveness lock; its session is elsewhere")
+                self._drop_session()
+        finally:
+            self.liveness.retake()
         return beat
 
     async def _beat_on_session(self, session: AsyncConnection, digest: str) -> Beat:
         """The beat on the liveness session within half the round; TimeoutError (the statement
-        goes on) when it takes longer or an earlier one is still running."""
-        pending = self._session_beat
-        if pending is not None and not pending.done():
-            raise TimeoutError("the previous heartbeat on the liveness session has not answered yet")
+        goes on) when it takes longer or an earlier one is still running. An earlier beat that
+        failed after its round stopped waiting is this round's failure: its connection is
+        unusable (SQLAlchemy invalidated it), as is one invalidated otherwise."""
+        pending, self._session_beat = self._session_beat, None
+        if pending is not None:
+            if not pending.done():
+                self._session_beat = pending
+                raise TimeoutError("the previous heartbeat on the liveness session has not answered yet")
+            failed = None if pending.cancelled() else pending.exception()
+            if failed is not None:
+                raise failed
+        if session.invalidated:
+            raise ZStackError(ErrorCode.DATABASE_UNAVAILABLE, "the liveness session's connection was invalidated")
         task = asyncio.get_running_loop().create_task(self._session_statement(session, digest))
         task.add_done_callback(_retrieve)
         self._session_beat = task
@@ -280,14 +292,12 @@ class Membership:
             return await self.nodes.beat(self.node_uuid, digest, on=session)
 
     def _drop_session(self) -> None:
-        self._drop_session_beat()
+        """Forget the lock session and start taking the lock again. A beat still running on it
+        is not cancelled: closing the connection (at once, ``db.engine``) ends it."""
+        self._session_beat = None
         self._session_timeouts = 0
         self.liveness.lost()
-
-    def _drop_session_beat(self) -> None:
-        pending, self._session_beat = self._session_beat, None
-        if pending is not None:
-            pending.cancel()
+        self.liveness.retake()
 
     def _lock_unseen(self, beat: Beat) -> bool:
         mine = next((r for r in beat.rows if r.uuid == self.node_uuid), None)
@@ -400,5 +410,5 @@ class Membership:
                 await self.nodes.delete(self.node_uuid)
             except ZStackError as exc:
                 log.warning("could not delete the node row; peers will evict it", error=str(exc))
-        self._drop_session_beat()
+        self._session_beat = None
         await self.liveness.release()

@@ -106,7 +106,7 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         else:
             for engine in (self.engine, self.direct):
-                event.listen(engine.sync_engine, "invalidate", _close_at_once)
+                event.listen(engine.sync_engine, "close", _close_at_once)
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
@@ -260,11 +260,14 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     return code or getattr(cause, "sqlstate", None)
 
 
-def _close_at_once(_dbapi_connection: Any, record: Any, _exc: BaseException | None) -> None:
-    """Close an invalidated asyncpg connection at once instead of gracefully. Invalidation means
-    its state is unknown or its server gone, and SQLAlchemy's graceful close waits up to 2 s
-    for a server that does not answer (a killed primary whose address drops packets); a caller
-    whose statement was cancelled by its own deadline would wait that out after the deadline."""
+def _close_at_once(_dbapi_connection: Any, record: Any) -> None:
+    """Close an asyncpg connection at once, not gracefully, whenever SQLAlchemy closes one:
+    invalidated (its state unknown, its server maybe gone), recycled after a disconnect, or
+    released. SQLAlchemy's graceful close waits up to 2 s for a server that does not answer (a
+    killed primary whose address drops packets), and the caller waits with it: a statement cut
+    short by its own deadline, or the next checkout of the pool. PostgreSQL ends the session
+    quietly on the EOF. A statement cut short is not cancelled on the server: it runs to its
+    end there (each is one short statement, and lock_timeout bounds its waits)."""
     driver = record.driver_connection
     if driver is not None:
         driver.terminate()

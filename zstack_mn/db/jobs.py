@@ -140,6 +140,17 @@ class JobRepository:
             )
             return won.rowcount == 1
 
+    async def renew(self, uuid: str, node: str, lease_s: float) -> bool:
+        """Start a new lease of ``lease_s`` on a job ``node`` still runs; False when it is no
+        longer ``node``'s (taken over, or finished)."""
+        async with self.db.begin() as conn:
+            done = await conn.execute(
+                update(JOB)
+                .where(JOB.c.uuid == uuid, JOB.c.state == PROCESSING, JOB.c.node == node)
+                .values(lease_s=lease_s, lease_at=func.now())
+            )
+            return done.rowcount == 1
+
     async def release(self, uuid: str, node: str) -> bool:
         """End ``node``'s lease on a job it leaves unfinished (it is leaving the ring), so that
         the next poll on another node claims it at once instead of waiting the lease out."""

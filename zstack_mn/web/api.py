@@ -8,7 +8,6 @@ their code; the node that handled a request is in ``X-Handled-By``.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -70,6 +69,7 @@ _HTTP_CODES = {404: ErrorCode.RESOURCE_NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLO
 """The code of an error the router answers itself (no route, no such method on a route)."""
 KEY_HEADER = "Idempotency-Key"
 PREFER_HEADER = "Prefer"
+PREFER_MAX_LENGTH = 256
 KEY_MAX_LENGTH = 200
 _ACTION_PATH = re.compile(r"/v1/(vm-instances|hosts)/([^/]+)/actions")
 _UUID = TypeAdapter(Uuid)
@@ -146,13 +146,13 @@ def _accepted(job: str, *, applied: bool) -> Response:
     )
 
 
-def preferred_wait(prefer: str | None, limit: float) -> float | None:
-    """Seconds the caller waits for an operation's answer before it takes a job, from RFC 7240's
-    ``Prefer``: ``respond-async`` alone is 0, ``wait=N`` is N (with or without it), at most
-    ``limit`` (the call deadline); None when it asks for neither (the call's own deadline). A
-    preference it cannot read is ignored, as the RFC says."""
+def preferred_wait(prefer: str | None, limit: float) -> tuple[float, bool]:
+    """(Seconds the caller waits for an operation's answer before it takes a job, whether it
+    asked for ``respond-async``), from RFC 7240's ``Prefer``: ``respond-async`` alone is 0,
+    ``wait=N`` is N (with or without it), at most ``limit`` (the call deadline), which is also
+    the wait without either. A preference it cannot read is ignored, as the RFC says."""
     if not prefer:
-        return None
+        return limit, False
     respond_async, wait = False, None
     for item in prefer.split(","):
         token, _, value = item.split(";")[0].strip().partition("=")
@@ -167,23 +167,8 @@ def preferred_wait(prefer: str | None, limit: float) -> float | None:
             if math.isfinite(seconds) and seconds >= 0:
                 wait = seconds
     if wait is None:
-        return 0.0 if respond_async else None
-    return min(wait, limit)
-
-
-def _retrieve(call: asyncio.Future[Any]) -> None:
-    """Read the outcome of a call nobody may wait for to the end (its caller took a job, or the
-    job could not be recorded), so that its failure is not logged as never retrieved."""
-    if not call.cancelled():
-        call.exception()
-
-
-def _timed_out(call: asyncio.Future[Any]) -> bool:
-    """The call ended because its deadline passed (the work it asked for may go on)."""
-    if call.cancelled():
-        return False
-    err = call.exception()
-    return isinstance(err, ZStackError) and err.code is ErrorCode.TIMEOUT
+        return (0.0 if respond_async else limit), respond_async
+    return min(wait, limit), respond_async
 
 
 def error_response(err: ZStackError) -> JSONResponse:
@@ -254,40 +239,25 @@ def create_app(
 
     async def run(msg: Message, key: str | None, prefer: str | None = None) -> Response:
         """An operation's answer as the HTTP response (orjson, no second validation of the
-        body); when it is still running once the caller's wait ends (``Prefer``, else the call
-        deadline), a 202 with the job it goes on as, instead of a 504 for work that goes on."""
+        body). An operation whose service records its outcome (a VM's) that is still running when
+        the caller's wait ends (``Prefer``, else the call deadline) answers 202 with the job it
+        goes on as, instead of a 504 for work that goes on: the job runs it again under the same
+        request id, which waits for the work in the VM's chain or reads its record."""
         request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
-        wait = preferred_wait(prefer, call_timeout)
-        if wait is None:
+        target = msg.TARGET
+        if target is None or not target.RECORDS_OUTCOME:
+            body, handled_by = await portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout)
+            return _json(body, handled_by)
+        wait, respond_async = preferred_wait(prefer, call_timeout)
+        if wait > 0:
             try:
-                body, handled_by = await portal.handle(
-                    msg, request_id=request_id, keyed=bool(key), timeout=call_timeout
-                )
+                body, handled_by = await portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=wait)
+                return _json(body, handled_by)
             except ZStackError as err:
                 if err.code is not ErrorCode.TIMEOUT:
                     raise
-                return await as_job(msg, request_id, None, applied=False)
-            return _json(body, handled_by)
-        call = asyncio.ensure_future(portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout))
-        call.add_done_callback(_retrieve)
-        try:
-            done, _ = await asyncio.wait({call}, timeout=wait)
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        if done and not _timed_out(call):
-            body, handled_by = call.result()
-            return _json(body, handled_by)
-        return await as_job(msg, request_id, None if done else call, applied=True)
-
-    async def as_job(
-        msg: Message, request_id: str, running: asyncio.Future[tuple[dict[str, Any], str]] | None, *, applied: bool
-    ) -> Response:
-        """The operation as a job of this node, finished by ``running`` (the call still under
-        way) or, when that already ended with its deadline passed, by a run under the same
-        request id, which waits for the work in the resource's chain or reads its record."""
-        await jobs.adopt(msg, uuidlib.UUID(request_id).hex, running, job_timeout)
-        return _accepted(request_id, applied=applied)
+        await jobs.adopt(msg, uuidlib.UUID(request_id).hex, job_timeout)
+        return _accepted(request_id, applied=respond_async)
 
     fast = ActionFastPath(run) if fast_actions else None
     app.state.fast_path = fast
@@ -303,7 +273,7 @@ def create_app(
     prefer_header = Header(
         None,
         alias=PREFER_HEADER,
-        max_length=256,
+        max_length=PREFER_MAX_LENGTH,
         description="RFC 7240: respond-async (a job at once) or wait=N (a job after N seconds); "
         "without it the call waits up to its deadline, then answers with a job",
     )
@@ -317,7 +287,7 @@ def create_app(
         return _json(msg.reply(total, rows), node_uuid)
 
     vm_reply: dict[int | str, dict[str, Any]] = {200: {"model": VmReply}, **openapi.accepted()}
-    host_reply: dict[int | str, dict[str, Any]] = {200: {"model": HostReply}, **openapi.accepted()}
+    host_reply: dict[int | str, dict[str, Any]] = {200: {"model": HostReply}}
 
     @app.post("/v1/vm-instances", tags=["vm"], responses={**vm_reply, **openapi.errors(ACTION_ERRORS)})
     async def create_vm(
@@ -353,10 +323,8 @@ def create_app(
         return await run(build(APIDestroyVmInstanceMsg, {"uuid": uuid}), key, prefer)
 
     @app.post("/v1/hosts", tags=["host"], responses={**host_reply, **openapi.errors(ACTION_ERRORS)})
-    async def add_host(
-        body: AddHostRequest, key: str | None = key_header, prefer: str | None = prefer_header
-    ) -> Response:
-        return await run(body.params, key, prefer)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
+    async def add_host(body: AddHostRequest, key: str | None = key_header) -> Response:
+        return await run(body.params, key)  # type: ignore[attr-defined]  # a model create_model builds at import time: mypy cannot see its fields
 
     @app.get("/v1/hosts", tags=["host"], responses={200: {"model": HostPage}, **openapi.errors(QUERY_ERRORS)})
     async def query_hosts(query: Annotated[APIQueryHostMsg, Query()]) -> Response:
@@ -371,23 +339,22 @@ def create_app(
         uuid: Uuid,
         body: HostActionRequest,  # type: ignore[valid-type]  # a model class made by create_model at import time
         key: str | None = key_header,
-        prefer: str | None = prefer_header,
     ) -> Response:
-        return await run(_action_message(uuid, body, HOST_ACTIONS), key, prefer)
+        return await run(_action_message(uuid, body, HOST_ACTIONS), key)
 
     @app.delete(
         "/v1/hosts/{uuid}",
         tags=["host"],
-        responses={200: {"model": DeletedReply}, **openapi.accepted(), **openapi.errors(ACTION_ERRORS)},
+        responses={200: {"model": DeletedReply}, **openapi.errors(ACTION_ERRORS)},
     )
-    async def delete_host(uuid: Uuid, key: str | None = key_header, prefer: str | None = prefer_header) -> Response:
-        return await run(build(APIDeleteHostMsg, {"uuid": uuid}), key, prefer)
+    async def delete_host(uuid: Uuid, key: str | None = key_header) -> Response:
+        return await run(build(APIDeleteHostMsg, {"uuid": uuid}), key)
 
     @app.get(
         JOBS_PATH + "/{uuid}",
         tags=["jobs"],
         responses={
-            200: {"model": VmReply | HostReply | DeletedReply, "description": "the operation's answer"},
+            200: {"model": VmReply, "description": "the operation's answer"},
             **openapi.accepted(),
             **openapi.errors(ACTION_ERRORS),
         },
@@ -547,7 +514,7 @@ class ActionFastPath:
     exception propagates as the route's would (the server-error middleware answers it).
     ``answered`` counts the requests it took."""
 
-    def __init__(self, run: Callable[[Message, str | None], Awaitable[Response]]) -> None:
+    def __init__(self, run: Callable[[Message, str | None, str | None], Awaitable[Response]]) -> None:
         self.run = run
         self.answered = 0
         self._kinds: dict[str, tuple[dict[str, type[Message]], type[BaseModel]]] = {
@@ -569,7 +536,8 @@ class ActionFastPath:
         """The response to a well-formed action; None to leave the request to the app."""
         actions, model, raw_uuid = action
         key: str | None = None
-        keys = 0
+        prefer: str | None = None
+        keys = prefers = 0
         json = False
         for name, value in scope["headers"]:
             if name == b"content-type":
@@ -580,8 +548,16 @@ class ActionFastPath:
                 key = value.decode("latin-1")
                 keys += 1
             elif name == b"prefer":
-                return None
-        if not json or not body or keys > 1 or (key is not None and not 1 <= len(key) <= KEY_MAX_LENGTH):
+                prefer = value.decode("latin-1")
+                prefers += 1
+        if (
+            not json
+            or not body
+            or keys > 1
+            or prefers > 1
+            or (key is not None and not 1 <= len(key) <= KEY_MAX_LENGTH)
+            or (prefer is not None and len(prefer) > PREFER_MAX_LENGTH)
+        ):
             return None
         try:
             uuid = _UUID.validate_python(raw_uuid)
@@ -590,7 +566,7 @@ class ActionFastPath:
             return None
         self.answered += 1
         try:
-            return await self.run(_action_message(uuid, params, actions), key)
+            return await self.run(_action_message(uuid, params, actions), key, prefer)
         except ZStackError as err:
             return error_response(err)
 

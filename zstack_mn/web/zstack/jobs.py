@@ -7,11 +7,14 @@ record, any other action from the portal's stored reply.
 
 The node that accepts the call records the job (database), answers at once, and runs the call in
 the background; when it ends, the outcome (ZStack's reply body, or its error) is written to the
-job. A poll on any node reads the job. When the job is still ``Processing`` but the node running
-it has left the ring, or its lease (the call's deadline plus a grace) has passed, the polling
-node claims it (one claimer wins) and runs it again under the same request id, which finishes
-it from the records when the work was done and does it otherwise. After ``MAX_ATTEMPTS`` runs
-the job ends with a timeout error, so no poll answers ``Processing`` for ever.
+job. A run is one portal call of up to ``call_timeout``; while it ends with a retryable error
+(its deadline passed while the work went on, a node gone) the job runs again, renewing its
+lease (the call deadline plus a grace) before each run, until ``job_timeout``. A poll on any
+node reads the job. When the job is still ``Processing`` but the node running it has left the
+ring, or its lease has passed, the polling node claims it (one claimer wins) and runs it again
+under the same request id, which finishes it from the records when the work was done and does
+it otherwise. After ``MAX_ATTEMPTS`` claims the job ends with a timeout error, so no poll
+answers ``Processing`` for ever.
 
 The plain ``/v1`` API's operations become jobs the same way when they outlive their caller's
 wait (``adopt``): their ``api`` is ``v1:<message type>`` and their outcome the HTTP status and
@@ -67,34 +70,20 @@ class JobRunner:
         client resending it) is left to the run that has it; one recorded for another request is
         refused (ZStack's "Duplicate job uuid"), so that a client never gets another call's
         outcome for its own."""
-        await self._start(api.name, msg, job_uuid, timeout, None)
+        await self._start(api.name, msg, job_uuid, timeout)
 
-    async def adopt(
-        self,
-        msg: Message,
-        job_uuid: str,
-        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
-        timeout: float,
-    ) -> None:
-        """A plain-API call that outlived its caller's wait becomes a job of this node: recorded
-        (any node answers its polls, and one takes it over if this one goes), finished by
-        ``running`` (None: it ended already) and, while what that ends with is retryable (its
-        deadline passed while the work went on), by runs again under the same request id for up
-        to ``timeout``."""
-        await self._start(V1_JOB + msg.type_name, msg, job_uuid, timeout, running)
+    async def adopt(self, msg: Message, job_uuid: str, timeout: float) -> None:
+        """A plain-API operation that outlived its caller's wait (or that the caller asked to
+        run asynchronously) becomes a job of this node: recorded (any node answers its polls,
+        and one takes it over if this one goes) and run under its own request id, which the VM
+        service answers from the work already under way or its record."""
+        await self._start(V1_JOB + msg.type_name, msg, job_uuid, timeout)
 
-    async def _start(
-        self,
-        name: str,
-        msg: Message,
-        job_uuid: str,
-        timeout: float,
-        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
-    ) -> None:
+    async def _start(self, name: str, msg: Message, job_uuid: str, timeout: float) -> None:
         await self._sweep()
         stored = {"type": msg.type_name, "body": msg.to_wire()}
-        if await self.jobs.create(job_uuid, name, stored, self.node, timeout + LEASE_GRACE_S):
-            self._spawn(name, msg, job_uuid, timeout, running)
+        if await self.jobs.create(job_uuid, name, stored, self.node, self._attempt_s() + LEASE_GRACE_S):
+            self._spawn(name, msg, job_uuid, timeout)
             return
         existing = await self.jobs.get(job_uuid)
         if existing is not None and (existing.api != name or existing.message != orjson.loads(orjson.dumps(stored))):
@@ -119,52 +108,37 @@ class JobRunner:
             err = ZStackError(ErrorCode.TIMEOUT, f"{job.api} did not finish after {job.attempts} attempts")
             await self.jobs.finish(job_uuid, False, _failure(job.api, err))
             return await self.jobs.get(job_uuid)
-        if await self.jobs.claim(job, self.node, timeout + LEASE_GRACE_S):
+        if await self.jobs.claim(job, self.node, self._attempt_s() + LEASE_GRACE_S):
             log.info("taking over an API job", job=job_uuid, api=job.api, was=job.node, attempt=job.attempts + 1)
             cls = registry.get(job.message["type"])
             assert issubclass(cls, Message)
-            self._spawn(job.api, cls.model_validate(job.message["body"]), job_uuid, timeout, None)
+            self._spawn(job.api, cls.model_validate(job.message["body"]), job_uuid, timeout)
         return job
 
-    def _spawn(
-        self,
-        name: str,
-        msg: Message,
-        job_uuid: str,
-        timeout: float,
-        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
-    ) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._run(name, msg, job_uuid, timeout, running), name=f"job-{job_uuid}"
-        )
+    def _spawn(self, name: str, msg: Message, job_uuid: str, timeout: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(name, msg, job_uuid, timeout), name=f"job-{job_uuid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(
-        self,
-        name: str,
-        msg: Message,
-        job_uuid: str,
-        timeout: float,
-        running: asyncio.Future[tuple[dict[str, Any], str]] | None,
-    ) -> None:
-        """Run the job to an outcome (first by waiting for ``running``, when the call was
-        started before the job). A retryable error (no route, a node gone, a timeout) is tried
-        again under the same request id until the job's deadline, as the HTTP client does; one
-        met while this node is out of the ring is not recorded, so the job is taken over by a
-        poller on a node that is in it."""
+    async def _run(self, name: str, msg: Message, job_uuid: str, timeout: float) -> None:
+        """Run the job to an outcome. A retryable error (no route, a node gone, a timeout) is
+        tried again under the same request id until the job's deadline, as the HTTP client
+        does; one met while this node is out of the ring is not recorded, so the job is taken
+        over by a poller on a node that is in it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        attempt_s = self._attempt_s()
         delay = 0.1
+        first = True
         while True:
-            if running is not None:
-                success, result, err = await _outcome(name, running)
-                running = None
-            else:
-                left = max(deadline - loop.time(), 0.1)
-                success, result, err = await _outcome(
-                    name, self.portal.handle(msg, request_id=request_id_of(job_uuid), keyed=True, timeout=left)
-                )
+            if not first and not await self._renewed(job_uuid, attempt_s):
+                log.info("an API job is another node's now", job=job_uuid)
+                return
+            first = False
+            left = min(attempt_s, max(deadline - loop.time(), 0.1))
+            success, result, err = await _outcome(
+                name, self.portal.handle(msg, request_id=request_id_of(job_uuid), keyed=True, timeout=left)
+            )
             if err is None or not err.retryable:
                 break
             if self.node not in self.portal.ctx.ring.nodes:
@@ -177,6 +151,18 @@ class JobRunner:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         await self._record(job_uuid, success, result)
+
+    def _attempt_s(self) -> float:
+        """One run's deadline, and the lease a run holds (plus LEASE_GRACE_S): the call deadline.
+        A job runs again while what it gets is retryable, renewing its lease before each run, so
+        a job whose node stopped running it is taken over within one lease."""
+        return self.portal.ctx.settings.call_timeout
+
+    async def _renewed(self, job_uuid: str, attempt_s: float) -> bool:
+        try:
+            return await self.jobs.renew(job_uuid, self.node, attempt_s + LEASE_GRACE_S)
+        except ZStackError:
+            return True  # the database is out: run on; if the lease ends meanwhile, the taker's run is answered from the records
 
     async def _record(self, job_uuid: str, success: bool, result: dict[str, Any]) -> None:
         """Write the outcome, retrying a database outage for RECORD_RETRY_S; if it still fails,
