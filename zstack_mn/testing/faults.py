@@ -18,6 +18,7 @@ import faulthandler
 import io
 import json
 import random
+import signal
 import sys
 import time
 import traceback
@@ -435,6 +436,7 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stopped as by ^C: each run's servers restored
     if args.keep_logs:
         raise SystemExit(asyncio.run(_main(names, args.runs, args.seed, args.json, args.keep_logs, args.queue_type)))
     with tempfile.TemporaryDirectory(prefix="zstack-faults-") as tmp:
