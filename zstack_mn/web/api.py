@@ -230,9 +230,9 @@ def create_app(
         log.exception("unexpected error answering a request")
         return error_response(ZStackError(ErrorCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"))
 
-    async def answer(msg: Message, key: str | None) -> tuple[dict[str, Any], str]:
-        request_id = request_id_for_key(key) if key else portal.new_request_id(msg)
-        return await portal.handle(msg, request_id=request_id, keyed=bool(key), timeout=call_timeout)
+    async def ask(msg: Message) -> tuple[dict[str, Any], str]:
+        """A query through the portal (it answers from the database here): the body and this node."""
+        return await portal.handle(msg, request_id=portal.new_request_id(msg), keyed=False, timeout=call_timeout)
 
     jobs = JobRunner(portal)
     job_timeout = portal.ctx.settings.job_timeout
@@ -300,7 +300,7 @@ def create_app(
         return await page(query)
 
     async def get_one(query: type[Message], kind: str, uuid: str) -> Response:
-        page, handled_by = await answer(build(query, {"uuid": uuid}), None)
+        page, handled_by = await ask(build(query, {"uuid": uuid}))
         if not page["inventories"]:
             raise ZStackError(ErrorCode.RESOURCE_NOT_FOUND, f"{kind} {uuid} not found", uuid=uuid)
         return _json({"inventory": page["inventories"][0]}, handled_by)
@@ -382,7 +382,7 @@ def create_app(
         responses={200: {"model": ManagementNodePage}, **openapi.errors(QUERY_ERRORS)},
     )
     async def management_nodes(query: Annotated[APIQueryManagementNodeMsg, Query()]) -> Response:
-        return _json(*await answer(query, None))
+        return _json(*await ask(query))
 
     @app.get("/healthz", tags=["ops"], response_model=Health, responses=openapi.errors(OPS_ERRORS))
     async def healthz() -> dict[str, str]:
