@@ -114,6 +114,44 @@ async def test_a_caller_out_of_time_on_a_dead_host_begins_its_next_attempt_with_
         hole.close()
 
 
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_an_unreachable_host_is_left_out_while_a_host_that_answers_is_not(pg_database: str) -> None:
+    """After a fail-over the old primary is unreachable and the standby answers "not writable"
+    until it is promoted: attempts in that window must not go back to the dead host (in Docker
+    each went through a resolver lookup of a killed container's name that took seconds, holding
+    one of the few resolver threads, until the lookups of the live host starved). Here the server
+    plays the standby: it answers, but not as the session kind asked for."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+
+    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hole_port = hole.sockets[0].getsockname()[1]
+    name = make_url(pg_database).database
+    url = make_url(
+        f"postgresql+asyncpg://{servers.PG_USER}@/{name}"
+        f"?host=127.0.0.1:{hole_port}&host={servers.PG_HOST}:{servers.PG_PORT}&target_session_attrs=read-only"
+    )
+    connect = writable_connector(url, 10.0, {})
+    assert connect is not None
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await connect()
+        for _ in range(3):
+            async with asyncio.timeout(5):
+                with pytest.raises(OSError, match="TargetServerAttributeNotMatched"):
+                    await connect()
+        assert len(accepted) == 1, "an attempt went back to the unreachable host"
+    finally:
+        for writer in accepted:
+            writer.close()
+        hole.close()
+
+
 def test_a_parameter_the_connector_would_drop_is_refused() -> None:
     url = make_url("postgresql+asyncpg://u@/db?host=a:1&host=b:2&application_name=x")
     with pytest.raises(ValueError, match="application_name"):

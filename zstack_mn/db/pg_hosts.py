@@ -13,6 +13,7 @@ was a standby is found within one deadline per dead host.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import asyncpg
 from sqlalchemy.engine import URL
 
 DEFAULT_PORT = 5432
+UNREACHABLE_FOR_S = 5.0
 DEFAULT_TARGET = "read-write"
 
 
@@ -85,33 +87,49 @@ def writable_connector(
     host that failed or ran the caller out of time. After a fail-over a dead first host costs one
     deadline once, not on every new connection, and a caller whose deadline is shorter than
     ``per_host_timeout`` (a heartbeat) still reaches the second host on its next attempt."""
+    unreachable_until = [0.0] * len(hosts)
+    """A host that could not be reached (refused, timed out, its name not resolved, or the
+    caller's deadline ran out on it) is left out of attempts for UNREACHABLE_FOR_S while another
+    host is not: a killed container's name can take seconds to fail to resolve, each such lookup
+    holds one of the few resolver threads, and connects that kept trying it starved the lookups
+    of the live host (a node in Docker could not take its liveness lock again for 10 s after a
+    fail-over and was evicted). A host that answered but is a standby is reachable: it keeps its
+    turn, so the next attempt after its promotion begins there."""
 
     def passed(i: int) -> None:
         if start[0] == i:
             start[0] = (i + 1) % len(hosts)
 
+    def unreachable(i: int) -> None:
+        unreachable_until[i] = time.monotonic() + UNREACHABLE_FOR_S
+        passed(i)
+
+    def order() -> list[int]:
+        ring = [*range(start[0], len(hosts)), *range(start[0])]
+        now = time.monotonic()
+        return [i for i in ring if unreachable_until[i] <= now] or ring
+
     async def connect() -> asyncpg.Connection:
         failures: list[str] = []
-        first = start[0]
-        for i in [*range(first, len(hosts)), *range(first)]:
+        for i in order():
             host, port = hosts[i]
             try:
                 conn: asyncpg.Connection = await asyncpg.connect(host=host, port=port, timeout=per_host_timeout, **base)
                 start[0] = i
+                unreachable_until[i] = 0.0
                 return conn
             except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError):
                 raise  # a wrong user, password or database is a configuration error, not an outage
-            except (
-                OSError,
-                TimeoutError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,  # TargetServerAttributeNotMatched: a standby, not yet promoted
-            ) as exc:
+            except asyncpg.InternalClientError as exc:  # TargetServerAttributeNotMatched: a standby, not yet promoted
+                failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+            except (OSError, TimeoutError) as exc:
+                failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+                unreachable(i)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
                 passed(i)
             except asyncio.CancelledError:
-                passed(i)  # the caller's own deadline ran out on this host
+                unreachable(i)  # the caller's own deadline ran out on this host
                 raise
         raise OSError(f"no {target} PostgreSQL host answered: {'; '.join(failures)}")
 
