@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 
 RETRYABLE_HTTP = {500, 502, 503, 504}
 JOB_POLL_FIRST_S = 0.05
-JOB_MARGIN_S = 1.0
 JOB_POLL_MAX_S = 1.0
 SUSPECT_FOR = 15.0
 
@@ -204,10 +203,6 @@ class HttpTransport(ApiTransport):
         if not urls:
             raise ValueError("at least one node URL is needed")
         self.attempt_timeout = attempt_timeout
-        self._job_after = max(attempt_timeout - JOB_MARGIN_S, attempt_timeout / 2)
-        """What a VM operation asks the node to wait before it answers with a job (``Prefer:
-        wait``): within one attempt, so that a long operation is followed as a job rather
-        than retried as a call that timed out."""
         self.urls = [u.rstrip("/") for u in urls]
         self.account = account
         self._digest = password_digest(password)
@@ -227,8 +222,6 @@ class HttpTransport(ApiTransport):
             headers["Content-Type"] = "application/json"
         if method != "GET":
             headers["Idempotency-Key"] = key or str(uuidlib.uuid4())
-        if msg.TARGET is not None and msg.TARGET.RECORDS_OUTCOME:
-            headers["Prefer"] = f"wait={self._job_after:g}"
         deadline = asyncio.get_running_loop().time() + timeout
         return await self.auth.call(
             deadline,
