@@ -6,6 +6,9 @@ the ``db-failover`` row of the fault matrix (``zstack_mn/testing/fault_rows.py``
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 from pydantic import ValidationError
@@ -53,35 +56,11 @@ def test_libpq_comma_hosts_are_refused_with_the_form_the_node_takes() -> None:
     assert "?host=a:5432&host=b:5432" in str(err.value)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(60)
-async def test_a_black_holed_first_host_costs_one_deadline_not_all(pg_database: str) -> None:
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # accepts the connection and never answers, like a dead host's SYN-ACK-ing firewall
-
-    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    hole_port = hole.sockets[0].getsockname()[1]
-    name = make_url(pg_database).database
-    url = (
-        f"postgresql+asyncpg://{servers.PG_USER}@/{name}"
-        f"?host=127.0.0.1:{hole_port}&host={servers.PG_HOST}:{servers.PG_PORT}&target_session_attrs=read-write"
-    )
-    db = Database(url, timeout=2.0, pool_size=1, max_overflow=0)
-    try:
-        async with db.begin() as conn:
-            assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
-    finally:
-        await db.close()
-        hole.close()
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(60)
-async def test_a_caller_out_of_time_on_a_dead_host_begins_its_next_attempt_with_the_next_host(pg_database: str) -> None:
-    """A heartbeat's deadline can be shorter than the per-host connect deadline: cut short on a
-    black-holed primary, its next connection attempt must start with the standby, not the dead
-    host again (a container killed in Docker black-holes its address: a node kept timing out on
-    it and was evicted)."""
+@asynccontextmanager
+async def hole_before_the_server(pg_database: str, target: str = "read-write") -> AsyncIterator[HoleUrl]:
+    """A loopback port that accepts connections and never answers (a dead host's address),
+    listed before the real server in a multi-host URL with ``target_session_attrs=target``;
+    closed with every connection it took afterwards."""
     accepted: list[asyncio.StreamWriter] = []
 
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -91,27 +70,56 @@ async def test_a_caller_out_of_time_on_a_dead_host_begins_its_next_attempt_with_
     hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
     hole_port = hole.sockets[0].getsockname()[1]
     name = make_url(pg_database).database
-    url = make_url(
+    url = (
         f"postgresql+asyncpg://{servers.PG_USER}@/{name}"
-        f"?host=127.0.0.1:{hole_port}&host={servers.PG_HOST}:{servers.PG_PORT}&target_session_attrs=read-write"
+        f"?host=127.0.0.1:{hole_port}&host={servers.PG_HOST}:{servers.PG_PORT}&target_session_attrs={target}"
     )
-    connect = writable_connector(url, 10.0, {})
-    assert connect is not None
     try:
+        yield HoleUrl(url, accepted)
+    finally:
+        for writer in accepted:
+            writer.close()
+        hole.close()
+
+
+@dataclass
+class HoleUrl:
+    url: str
+    accepted: list[asyncio.StreamWriter]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_a_black_holed_first_host_costs_one_deadline_not_all(pg_database: str) -> None:
+    async with hole_before_the_server(pg_database) as hole:
+        db = Database(hole.url, timeout=2.0, pool_size=1, max_overflow=0)
+        try:
+            async with db.begin() as conn:
+                assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+        finally:
+            await db.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_a_caller_out_of_time_on_a_dead_host_begins_its_next_attempt_with_the_next_host(pg_database: str) -> None:
+    """A heartbeat's deadline can be shorter than the per-host connect deadline: cut short on a
+    black-holed primary, its next connection attempt must start with the standby, not the dead
+    host again (a container killed in Docker black-holes its address: a node kept timing out on
+    it and was evicted)."""
+    async with hole_before_the_server(pg_database) as hole:
+        connect = writable_connector(make_url(hole.url), 10.0, {})
+        assert connect is not None
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
                 await connect()
-        assert len(accepted) == 1
+        assert len(hole.accepted) == 1
         conn = await connect()
         try:
             assert await conn.fetchval("SELECT 1") == 1
         finally:
             await conn.close()
-        assert len(accepted) == 1, "the second attempt went to the dead host again"
-    finally:
-        for writer in accepted:
-            writer.close()
-        hole.close()
+        assert len(hole.accepted) == 1, "the second attempt went to the dead host again"
 
 
 @pytest.mark.integration
@@ -122,22 +130,9 @@ async def test_an_unreachable_host_is_left_out_while_a_host_that_answers_is_not(
     each went through a resolver lookup of a killed container's name that took seconds, holding
     one of the few resolver threads, until the lookups of the live host starved). Here the server
     plays the standby: it answers, but not as the session kind asked for."""
-    accepted: list[asyncio.StreamWriter] = []
-
-    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.append(writer)
-        await reader.read()
-
-    hole = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    hole_port = hole.sockets[0].getsockname()[1]
-    name = make_url(pg_database).database
-    url = make_url(
-        f"postgresql+asyncpg://{servers.PG_USER}@/{name}"
-        f"?host=127.0.0.1:{hole_port}&host={servers.PG_HOST}:{servers.PG_PORT}&target_session_attrs=read-only"
-    )
-    connect = writable_connector(url, 10.0, {})
-    assert connect is not None
-    try:
+    async with hole_before_the_server(pg_database, target="read-only") as hole:
+        connect = writable_connector(make_url(hole.url), 10.0, {})
+        assert connect is not None
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.5):
                 await connect()
@@ -145,11 +140,7 @@ async def test_an_unreachable_host_is_left_out_while_a_host_that_answers_is_not(
             async with asyncio.timeout(5):
                 with pytest.raises(OSError, match="TargetServerAttributeNotMatched"):
                     await connect()
-        assert len(accepted) == 1, "an attempt went back to the unreachable host"
-    finally:
-        for writer in accepted:
-            writer.close()
-        hole.close()
+        assert len(hole.accepted) == 1, "an attempt went back to the unreachable host"
 
 
 def test_a_parameter_the_connector_would_drop_is_refused() -> None:
