@@ -6,6 +6,7 @@ are in ``tests/test_api_cluster.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.cluster_helpers import until_answered
 from tests.embedded import embedded_node, session_headers
 from zstack_mn.agent.protocol import AgentFault
 from zstack_mn.client import Client
-from zstack_mn.messages import ErrorCode
+from zstack_mn.messages import ErrorCode, Message, ZStackError
 from zstack_mn.node import Node
 from zstack_mn.testing.cluster import agent_stats, set_agent_faults
 
@@ -151,3 +152,43 @@ async def test_a_host_operation_answers_itself_not_with_a_job(node: Node, http: 
     )
     assert resp.status_code == 200, resp.text
     assert resp.json()["inventory"]["status"] == "Connected"
+
+
+async def test_a_job_whose_answer_is_lost_sends_its_request_again_well_before_the_call_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first run's operation is done but its answer never comes back (a reply lost with a
+    broker member): the job sends the request again after ``FIRST_RUN_S``, which the VM service
+    answers from its record, instead of waiting out a whole call deadline; applied once."""
+    call_timeout = 30.0
+    async with embedded_node(tmp_path, call_timeout=call_timeout, agent_timeout=5.0) as node:
+        assert node.portal is not None
+        async with Client.http([node.http_url]) as client:
+            vm = await client.create_vm("lost-answer", cpu_num=1, memory_size="64M")
+        real_handle = node.portal.handle
+        runs: list[str] = []
+
+        async def answer_lost_once(
+            msg: Message, *, request_id: str, keyed: bool, timeout: float | None
+        ) -> tuple[dict[str, Any], str]:
+            runs.append(request_id)
+            answer = await real_handle(msg, request_id=request_id, keyed=keyed, timeout=timeout)
+            if len(runs) > 1:
+                return answer
+            await asyncio.sleep(timeout or call_timeout)
+            raise ZStackError(ErrorCode.TIMEOUT, "the answer was lost")
+
+        monkeypatch.setattr(node.portal, "handle", answer_lost_once)
+        headers = await session_headers(node.http_url)
+        async with httpx.AsyncClient(base_url=node.http_url, headers=headers, timeout=30) as http:
+            resp = await http.put(
+                f"/v1/vm-instances/{vm['uuid']}/actions", json=STOP, headers={"Prefer": "respond-async"}
+            )
+            assert resp.status_code == 202, resp.text
+            _, done = await until_answered(http, resp.headers["Location"], bound=call_timeout / 2)
+        assert done.status_code == 200, done.text
+        assert done.json()["inventory"]["state"] == "Stopped"
+        assert len(runs) == 2, runs
+        assert runs[0] == runs[1], "the job's second run was not the same request"
+        assert node.agent_server is not None
+        assert max((await agent_stats(node.agent_server.url))["effects"].values()) == 1, "the stop was applied twice"

@@ -9,7 +9,11 @@ The node that accepts the call records the job (database), answers at once, and 
 the background; when it ends, the outcome (ZStack's reply body, or its error) is written to the
 job. A run is one portal call of up to ``call_timeout``; while it ends with a retryable error
 (its deadline passed while the work went on, a node gone) the job runs again, renewing its
-lease (the call deadline plus a grace) before each run, until ``job_timeout``. A poll on any
+lease (the run's deadline plus a grace) before each run, until ``job_timeout``. A VM operation's
+first run waits ``FIRST_RUN_S`` for its answer and each next one twice as long, up to
+``call_timeout``: a request or reply lost on the way (a broker member killed under it) costs a
+few seconds, as it does a client's keyed retry, not a whole call deadline. Other calls (a host's)
+record no outcome a copy could be answered from, so each of their runs waits ``call_timeout``. A poll on any
 node reads the job. When the job is still ``Processing`` but the node running it has left the
 ring, or its lease has passed, the polling node claims it (one claimer wins) and runs it again
 under the same request id, which finishes it from the records when the work was done and does
@@ -44,6 +48,10 @@ from zstack_mn.web.zstack.wire import error_body, internal_error
 log = structlog.get_logger(__name__)
 
 LEASE_GRACE_S = 10.0
+FIRST_RUN_S = 4.0
+"""How long a VM operation's first run waits for its answer before it sends the request again
+(then twice as long each time, up to ``call_timeout``); a copy of a request still under way
+waits for it in the VM's chain and is answered from its record, so it is never done twice."""
 MAX_ATTEMPTS = 3
 JOB_RETENTION_S = 24 * 3600
 SWEEP_EVERY_S = 600.0
@@ -82,7 +90,7 @@ class JobRunner:
     async def _start(self, name: str, msg: Message, job_uuid: str, timeout: float) -> None:
         await self._sweep()
         stored = {"type": msg.type_name, "body": msg.to_wire()}
-        if await self.jobs.create(job_uuid, name, stored, self.node, self._attempt_s() + LEASE_GRACE_S):
+        if await self.jobs.create(job_uuid, name, stored, self.node, self._first_run_s(msg) + LEASE_GRACE_S):
             self._spawn(name, msg, job_uuid, timeout)
             return
         existing = await self.jobs.get(job_uuid)
@@ -108,11 +116,12 @@ class JobRunner:
             err = ZStackError(ErrorCode.TIMEOUT, f"{job.api} did not finish after {job.attempts} attempts")
             await self.jobs.finish(job_uuid, False, _failure(job.api, err))
             return await self.jobs.get(job_uuid)
-        if await self.jobs.claim(job, self.node, self._attempt_s() + LEASE_GRACE_S):
+        cls = registry.get(job.message["type"])
+        assert issubclass(cls, Message)
+        msg = cls.model_validate(job.message["body"])
+        if await self.jobs.claim(job, self.node, self._first_run_s(msg) + LEASE_GRACE_S):
             log.info("taking over an API job", job=job_uuid, api=job.api, was=job.node, attempt=job.attempts + 1)
-            cls = registry.get(job.message["type"])
-            assert issubclass(cls, Message)
-            self._spawn(job.api, cls.model_validate(job.message["body"]), job_uuid, timeout)
+            self._spawn(job.api, msg, job_uuid, timeout)
         return job
 
     def _spawn(self, name: str, msg: Message, job_uuid: str, timeout: float) -> None:
@@ -127,13 +136,15 @@ class JobRunner:
         over by a poller on a node that is in it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        attempt_s = self._attempt_s()
+        attempt_s = self._first_run_s(msg)
         delay = 0.1
         first = True
         while True:
-            if not first and not await self._renewed(job_uuid, attempt_s):
-                log.info("an API job is another node's now", job=job_uuid)
-                return
+            if not first:
+                attempt_s = min(attempt_s * 2, self.portal.ctx.settings.call_timeout)
+                if not await self._renewed(job_uuid, attempt_s):
+                    log.info("an API job is another node's now", job=job_uuid)
+                    return
             first = False
             left = min(attempt_s, max(deadline - loop.time(), 0.1))
             success, result, err = await _outcome(
@@ -152,11 +163,14 @@ class JobRunner:
             delay = min(delay * 2, 2.0)
         await self._record(job_uuid, success, result)
 
-    def _attempt_s(self) -> float:
-        """One run's deadline, and the lease a run holds (plus LEASE_GRACE_S): the call deadline.
-        A job runs again while what it gets is retryable, renewing its lease before each run, so
+    def _first_run_s(self, msg: Message) -> float:
+        """The first run's deadline, and the lease it holds (plus LEASE_GRACE_S): FIRST_RUN_S for
+        an operation whose service answers a copy from its record, else the call deadline. A job
+        runs again while what it gets is retryable, renewing its lease for that run before it, so
         a job whose node stopped running it is taken over within one lease."""
-        return self.portal.ctx.settings.call_timeout
+        call_timeout = self.portal.ctx.settings.call_timeout
+        target = msg.TARGET
+        return min(FIRST_RUN_S, call_timeout) if target is not None and target.RECORDS_OUTCOME else call_timeout
 
     async def _renewed(self, job_uuid: str, attempt_s: float) -> bool:
         try:
