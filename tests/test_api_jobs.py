@@ -22,6 +22,7 @@ from zstack_mn.client import Client
 from zstack_mn.messages import ErrorCode, Message, ZStackError
 from zstack_mn.node import Node
 from zstack_mn.testing.cluster import agent_stats, set_agent_faults
+from zstack_mn.web.zstack.jobs import FIRST_RUN_S
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -78,7 +79,7 @@ async def test_respond_async_answers_a_job_at_once_and_the_job_answers_the_opera
     again = await http.put(f"/v1/vm-instances/{vm['uuid']}/actions", json=STOP, headers={"Idempotency-Key": "k1"})
     assert again.status_code == 200
     assert again.json()["inventory"]["state"] == "Stopped"
-    assert max((await agent_stats(agent))["effects"].values()) == 1, "the stop was applied twice"
+    assert (await agent_stats(agent))["duplicates"] == 0, "the stop was sent to the agent again"
 
 
 async def test_an_operation_past_the_call_deadline_answers_a_job_not_a_504(
@@ -91,7 +92,7 @@ async def test_an_operation_past_the_call_deadline_answers_a_job_not_a_504(
     _, done = await until_answered(http, resp.headers["Location"])
     assert done.status_code == 200
     assert done.json()["inventory"]["state"] == "Stopped"
-    assert max((await agent_stats(agent))["effects"].values()) == 1, "the job's run stopped the VM again"
+    assert (await agent_stats(agent))["duplicates"] == 0, "the job's run sent the stop to the agent again"
 
 
 async def test_wait_shorter_than_the_operation_answers_a_job_longer_answers_the_operation(
@@ -159,7 +160,8 @@ async def test_a_job_whose_answer_is_lost_sends_its_request_again_well_before_th
 ) -> None:
     """The first run's operation is done but its answer never comes back (a reply lost with a
     broker member): the job sends the request again after ``FIRST_RUN_S``, which the VM service
-    answers from its record, instead of waiting out a whole call deadline; applied once."""
+    answers from its record (not sent to the agent again), instead of waiting out the 30 s call
+    deadline."""
     call_timeout = 30.0
     async with embedded_node(tmp_path, call_timeout=call_timeout, agent_timeout=5.0) as node:
         assert node.portal is not None
@@ -185,10 +187,9 @@ async def test_a_job_whose_answer_is_lost_sends_its_request_again_well_before_th
                 f"/v1/vm-instances/{vm['uuid']}/actions", json=STOP, headers={"Prefer": "respond-async"}
             )
             assert resp.status_code == 202, resp.text
-            _, done = await until_answered(http, resp.headers["Location"], bound=call_timeout / 2)
+            _, done = await until_answered(http, resp.headers["Location"], bound=FIRST_RUN_S + 6)
         assert done.status_code == 200, done.text
         assert done.json()["inventory"]["state"] == "Stopped"
-        assert len(runs) == 2, runs
-        assert runs[0] == runs[1], "the job's second run was not the same request"
+        assert len(runs) == 2, f"the job ran {len(runs)} times, not once more after its answer was lost"
         assert node.agent_server is not None
-        assert max((await agent_stats(node.agent_server.url))["effects"].values()) == 1, "the stop was applied twice"
+        assert (await agent_stats(node.agent_server.url))["duplicates"] == 0, "the second run sent the stop again"

@@ -11,9 +11,11 @@ job. A run is one portal call of up to ``call_timeout``; while it ends with a re
 (its deadline passed while the work went on, a node gone) the job runs again, renewing its
 lease (the run's deadline plus a grace) before each run, until ``job_timeout``. A VM operation's
 first run waits ``FIRST_RUN_S`` for its answer and each next one twice as long, up to
-``call_timeout``: a request or reply lost on the way (a broker member killed under it) costs a
-few seconds, as it does a client's keyed retry, not a whole call deadline. Other calls (a host's)
-record no outcome a copy could be answered from, so each of their runs waits ``call_timeout``. A poll on any
+``call_timeout`` (the request itself carries the call deadline, whatever the wait): a request or
+reply lost on the way (a broker member killed under it) costs a few seconds, as it does a
+client's keyed retry, not a whole call deadline. A copy of a host operation sent while the
+first is still under way would run it again (the portal stores a host operation's reply only
+when it ends), so each run of other calls waits ``call_timeout``. A poll on any
 node reads the job. When the job is still ``Processing`` but the node running it has left the
 ring, or its lease has passed, the polling node claims it (one claimer wins) and runs it again
 under the same request id, which finishes it from the records when the work was done and does
@@ -90,7 +92,7 @@ class JobRunner:
     async def _start(self, name: str, msg: Message, job_uuid: str, timeout: float) -> None:
         await self._sweep()
         stored = {"type": msg.type_name, "body": msg.to_wire()}
-        if await self.jobs.create(job_uuid, name, stored, self.node, self._first_run_s(msg) + LEASE_GRACE_S):
+        if await self.jobs.create(job_uuid, name, stored, self.node, self._first_run_s(msg.type_name) + LEASE_GRACE_S):
             self._spawn(name, msg, job_uuid, timeout)
             return
         existing = await self.jobs.get(job_uuid)
@@ -116,12 +118,11 @@ class JobRunner:
             err = ZStackError(ErrorCode.TIMEOUT, f"{job.api} did not finish after {job.attempts} attempts")
             await self.jobs.finish(job_uuid, False, _failure(job.api, err))
             return await self.jobs.get(job_uuid)
-        cls = registry.get(job.message["type"])
-        assert issubclass(cls, Message)
-        msg = cls.model_validate(job.message["body"])
-        if await self.jobs.claim(job, self.node, self._first_run_s(msg) + LEASE_GRACE_S):
+        if await self.jobs.claim(job, self.node, self._first_run_s(job.message["type"]) + LEASE_GRACE_S):
             log.info("taking over an API job", job=job_uuid, api=job.api, was=job.node, attempt=job.attempts + 1)
-            self._spawn(job.api, msg, job_uuid, timeout)
+            cls = registry.get(job.message["type"])
+            assert issubclass(cls, Message)
+            self._spawn(job.api, cls.model_validate(job.message["body"]), job_uuid, timeout)
         return job
 
     def _spawn(self, name: str, msg: Message, job_uuid: str, timeout: float) -> None:
@@ -136,20 +137,22 @@ class JobRunner:
         over by a poller on a node that is in it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        attempt_s = self._first_run_s(msg)
+        call_timeout = self.portal.ctx.settings.call_timeout
+        attempt_s = self._first_run_s(msg.type_name)
         delay = 0.1
         first = True
         while True:
             if not first:
-                attempt_s = min(attempt_s * 2, self.portal.ctx.settings.call_timeout)
+                attempt_s = min(attempt_s * 2, call_timeout)
                 if not await self._renewed(job_uuid, attempt_s):
                     log.info("an API job is another node's now", job=job_uuid)
                     return
             first = False
-            left = min(attempt_s, max(deadline - loop.time(), 0.1))
-            success, result, err = await _outcome(
-                name, self.portal.handle(msg, request_id=request_id_of(job_uuid), keyed=True, timeout=left)
+            left = max(deadline - loop.time(), 0.1)
+            call = self.portal.handle(
+                msg, request_id=request_id_of(job_uuid), keyed=True, timeout=min(call_timeout, left)
             )
+            success, result, err = await _outcome(name, _waited(call, min(attempt_s, left)))
             if err is None or not err.retryable:
                 break
             if self.node not in self.portal.ctx.ring.nodes:
@@ -163,13 +166,18 @@ class JobRunner:
             delay = min(delay * 2, 2.0)
         await self._record(job_uuid, success, result)
 
-    def _first_run_s(self, msg: Message) -> float:
-        """The first run's deadline, and the lease it holds (plus LEASE_GRACE_S): FIRST_RUN_S for
-        an operation whose service answers a copy from its record, else the call deadline. A job
-        runs again while what it gets is retryable, renewing its lease for that run before it, so
-        a job whose node stopped running it is taken over within one lease."""
+    def _first_run_s(self, type_name: str) -> float:
+        """How long the first run of a job of message type ``type_name`` waits for its answer, and
+        the lease it holds (plus LEASE_GRACE_S): FIRST_RUN_S for an operation whose service
+        answers a copy from the work under way or its record, else the call deadline. A job runs
+        again while what it gets is retryable, renewing its lease for that run before it, so a
+        job whose node stopped running it is taken over within one lease. (The request itself
+        always carries the call deadline: a run that stops waiting leaves it to go on.)"""
         call_timeout = self.portal.ctx.settings.call_timeout
-        target = msg.TARGET
+        try:
+            target = getattr(registry.get(type_name), "TARGET", None)
+        except ZStackError:  # a type this node does not know: the claim's run ends the job with it
+            return call_timeout
         return min(FIRST_RUN_S, call_timeout) if target is not None and target.RECORDS_OUTCOME else call_timeout
 
     async def _renewed(self, job_uuid: str, attempt_s: float) -> bool:
@@ -202,6 +210,16 @@ class JobRunner:
         removed = await self.jobs.expire(JOB_RETENTION_S)
         if removed:
             log.info("expired API jobs", removed=removed)
+
+
+async def _waited(call: Awaitable[tuple[dict[str, Any], str]], wait_s: float) -> tuple[dict[str, Any], str]:
+    """``call``'s answer if it comes within ``wait_s``, else the retryable TIMEOUT a run ends
+    with (the request goes on with its own deadline; a copy sent next is answered from it)."""
+    try:
+        async with asyncio.timeout(wait_s):
+            return await call
+    except TimeoutError:
+        raise ZStackError(ErrorCode.TIMEOUT, f"no answer within {wait_s:g}s; sending the request again") from None
 
 
 async def _outcome(
