@@ -1,7 +1,8 @@
 """B3: 10,000 VMs created concurrently on 3 nodes with the simulated agent, once with 1 host and once
 with 100 hosts (each ``{agent}/hosts/<name>`` is a separate simulated host). Reported per run:
 seconds, errors by code, each node's share (by the X-Handled-By header) and the create latency
-of one VM (p50/p99/max, from sending its request to its answer, at CONCURRENCY requests open).
+of one VM (p50/p99/max, from sending its request to its answer, at CONCURRENCY requests open),
+and what the database's sessions waited on meanwhile (``benchmarks.wait_events``).
 
 Every simulated host gets the agent's capacity, sized so that a single host holds every VM
 (1 CPU, 16M each). Target (docs/BENCH.md): ≤ 30 s, 0 errors, with 1 host and with 100 hosts."""
@@ -17,6 +18,7 @@ import aiohttp
 import orjson
 
 from benchmarks.cluster_util import cluster, percentiles
+from benchmarks.wait_events import WaitEvents
 
 VMS = 10_000
 QUICK_VMS = 1_000
@@ -79,9 +81,11 @@ async def one_run(url: str, prefix: str, total: int, hosts: int) -> dict[str, An
             connector=connector, timeout=aiohttp.ClientTimeout(total=120), headers=auth
         ) as http:
             creator = Creator(http, h.urls())
-            started = time.perf_counter()
-            await asyncio.gather(*(creator.create(i) for i in range(total)))
-            elapsed = time.perf_counter() - started
+            waits = WaitEvents.of_url(h.database_url)
+            async with waits.sampling():
+                started = time.perf_counter()
+                await asyncio.gather(*(creator.create(i) for i in range(total)))
+                elapsed = time.perf_counter() - started
     return {
         "hosts": hosts,
         "vms": total,
@@ -90,6 +94,7 @@ async def one_run(url: str, prefix: str, total: int, hosts: int) -> dict[str, An
         "errorCodes": dict(creator.errors),
         "shareByNode": {k[:8]: round(v / max(total, 1), 3) for k, v in creator.shares.items()},
         "createLatency": percentiles(creator.latencies_ms),
+        "waitEvents": waits.summary(),
         "met": elapsed <= TARGET_S and not creator.errors,
     }
 

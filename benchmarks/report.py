@@ -121,7 +121,17 @@ def _b3(b: dict[str, Any]) -> list[str]:
             f"({codes(r['errorCodes'])}) | {lat['p50Ms']:.0f} / {lat['p99Ms']:.0f} / {lat['maxMs']:.0f} | "
             f"{shares} | {verdict(r['met'])} |"
         )
-    return [*lines, "", "The target is for 10,000 VMs; a --quick run creates fewer.", ""]
+    lines += ["", "The target is for 10,000 VMs; a --quick run creates fewer.", ""]
+    for r in b["runs"]:
+        if "waitEvents" in r:
+            waits = r["waitEvents"]
+            classes = ", ".join(f"{k} {v:g}" for k, v in waits["sessionsPerSample"].items())
+            lines.append(
+                f"Database sessions during the {r['hosts']}-host run, by what they waited on "
+                f"(`pg_stat_activity`, sessions per sample, {waits['samples']} samples): {classes}."
+            )
+            lines.append("")
+    return lines
 
 
 def _b4(b: dict[str, Any]) -> list[str]:
